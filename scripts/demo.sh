@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: set up, then run the demo on the packaged MiniLM (offline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec peftlab demo "$@"

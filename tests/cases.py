@@ -1,0 +1,31 @@
+"""Method cases for the shared correctness matrix. Each later method adds one entry here.
+
+Fields: ``config`` builds a small config; ``merge``: merge/unmerge defined; ``families``: families it
+supports (None = all); ``zero_start_tol``: tolerance of the step-0 identity check (None = the
+method is only approximately the base model, and the check reports cosine similarity instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import peftlab
+
+
+@dataclass
+class Case:
+    config: Callable[[], peftlab.MethodConfig]
+    merge: bool = True
+    families: tuple[str, ...] | None = None
+    zero_start_tol: float | None = 1e-5
+    real: bool = True  # also run on the packaged MiniLM / SmolLM2
+
+
+CASES: dict[str, Case] = {
+    "lora": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8)),
+    "rslora": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8, use_rslora=True, targets=["q", "k", "v", "o"]), real=False),
+    "dora": Case(lambda: peftlab.DoRAConfig(r=4, alpha=8)),
+    "ia3": Case(lambda: peftlab.IA3Config()),
+    "bitfit": Case(lambda: peftlab.BitFitConfig()),
+}
