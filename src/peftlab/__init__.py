@@ -12,10 +12,12 @@ from .config import MethodConfig  # noqa: E402
 from .core import (  # noqa: E402
     adapter_names,
     attach,
+    checkpoint_eligible,
     delete,
     disabled,
     get_adapter_config,
     merge,
+    on_train_step,
     set_active,
     trainable_parameters,
     training_loss,
@@ -45,7 +47,7 @@ __all__ = [
     "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "CorruptAdapterError", "DoRAConfig",
     "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig", "NotMergeableError",
     "PeftlabError", "TargetNotFoundError", "UnknownMethodError", "UnsupportedArchitectureError",
-    "adapter_names", "attach", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
+    "adapter_names", "attach", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
     "load", "merge", "methods", "report", "save", "set_active", "trainable_parameters", "training_loss",
     "unload", "unmerge",
 ]

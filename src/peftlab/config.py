@@ -75,6 +75,13 @@ class MethodConfig:
         """An extra term for the training loss (regularizers), or None."""
         return None
 
+    def on_train_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
+        """Called by training loops after every optimizer step (schedules such as PST sparsity)."""
+
+    def checkpoint_eligible(self, model: nn.Module, name: str, step: int, total_steps: int) -> bool:
+        """Whether a checkpoint at ``step`` may be selected as the best one (PST: final sparsity only)."""
+        return True
+
     # ----------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method}

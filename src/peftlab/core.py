@@ -293,6 +293,26 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Training loops call this after every optimizer step; methods with schedules react to it."""
+    if not has_adapters(model):
+        return
+    st = state(model)
+    for n in st.active:
+        for part in st.configs[n].parts():
+            part.on_train_step(model, n, step, total_steps)
+
+
+def checkpoint_eligible(model: nn.Module, step: int, total_steps: int) -> bool:
+    """False while some active method forbids best-checkpoint selection (e.g. before final sparsity)."""
+    if not has_adapters(model):
+        return True
+    st = state(model)
+    return all(
+        part.checkpoint_eligible(model, n, step, total_steps) for n in st.active for part in st.configs[n].parts()
+    )
+
+
 def training_loss(model: nn.Module):
     """Sum of the extra loss terms (regularizers) of the active adapters, or None."""
     if not has_adapters(model):

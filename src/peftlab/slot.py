@@ -52,6 +52,16 @@ class Slot(nn.Module):
         self.disabled = False
         self._live: tuple[str, ...] = ()
 
+    def __getattr__(self, name: str):
+        """Transparent to attribute reads: HF code may read ``self.q_proj.in_features`` etc."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     # ---- linear helpers (valid when the base is nn.Linear or transformers' Conv1D)
     @property
     def fan_in_fan_out(self) -> bool:
