@@ -1,0 +1,63 @@
+"""Cases of the step benchmark: name -> how to build ours, and peft's equivalent (or None).
+
+Each builder takes a fresh MiniLM sequence-classification model and returns the model to train.
+Add a method with one entry; ``ref`` names the case whose step time the ratio column compares to
+(besides peft's equivalent).
+"""
+
+from __future__ import annotations
+
+import peftlab
+
+FFN_OUT_RE = r".*layer\.\d+\.output\.dense"
+
+
+def _peft(model, cfg):
+    import peft
+
+    return peft.get_peft_model(model, cfg)
+
+
+def lora_ours(m):
+    return peftlab.attach(m, peftlab.LoRAConfig(r=8, alpha=8, targets=["query", "value"]))
+
+
+def lora_peft(m):
+    import peft
+
+    return _peft(m, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def dora_ours(m):
+    return peftlab.attach(m, peftlab.DoRAConfig(r=8, alpha=8, targets=["query", "value"]))
+
+
+def dora_peft(m):
+    import peft
+
+    cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["query", "value"], use_dora=True, task_type="SEQ_CLS")
+    return _peft(m, cfg)
+
+
+def ia3_ours(m):
+    return peftlab.attach(m, peftlab.IA3Config(targets=["key", "value", "ffn_out"]))
+
+
+def ia3_peft(m):
+    import peft
+
+    cfg = peft.IA3Config(target_modules=rf"(.*\.(key|value))|({FFN_OUT_RE})", feedforward_modules=FFN_OUT_RE,
+                         task_type="SEQ_CLS")
+    return _peft(m, cfg)
+
+
+def bitfit_ours(m):
+    return peftlab.attach(m, peftlab.BitFitConfig())
+
+
+CASES: dict[str, dict] = {
+    "lora": {"ours": lora_ours, "peft": lora_peft, "ref": None},
+    "dora": {"ours": dora_ours, "peft": dora_peft, "ref": "lora"},
+    "ia3": {"ours": ia3_ours, "peft": ia3_peft, "ref": "lora"},
+    "bitfit": {"ours": bitfit_ours, "peft": None, "ref": "lora"},
+}
