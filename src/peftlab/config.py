@@ -39,6 +39,8 @@ class MethodConfig:
     default_roles: ClassVar[tuple[str, ...]] = ("q", "v")
     # module kinds the method can wrap: "linear" (nn.Linear, GPT-2 Conv1D), "norm", "embedding", ...
     accepts: ClassVar[tuple[str, ...]] = ("linear",)
+    # Hugging Face peft's name for the same math (enables peftlab.export_peft / import_peft)
+    peft_type: ClassVar[str | None] = None
 
     targets: list[str] | str | None = None
     target_regex: str | None = None
@@ -81,6 +83,16 @@ class MethodConfig:
     def checkpoint_eligible(self, model: nn.Module, name: str, step: int, total_steps: int) -> bool:
         """Whether a checkpoint at ``step`` may be selected as the best one (PST: final sparsity only)."""
         return True
+
+    def to_peft_fields(self, adapters: dict[str, nn.Module]) -> dict[str, Any]:
+        """Method-specific fields of peft's adapter_config.json; ``adapters``: module name -> adapter."""
+        raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
+
+    @classmethod
+    def from_peft_fields(cls, d: dict[str, Any], resolve) -> dict[str, Any] | None:
+        """Our config fields for peft config ``d`` (targets excluded), or None if ``d`` is not this method.
+        ``resolve(pattern)`` turns a peft module pattern (list of suffixes or regex) into module names."""
+        return None
 
     # ----------------------------------------------------------------- serialization
     def to_dict(self) -> dict[str, Any]:

@@ -39,6 +39,13 @@ class Adapter(nn.Module):
     def unmerge(self, slot: Slot) -> None:
         raise NotMergeableError(f"{type(self).__name__} cannot be unmerged")
 
+    # peft on-disk format (only for methods with a peft equivalent): our state dict <-> peft's keys
+    def to_peft_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
+
+    def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
+
 
 class Slot(nn.Module):
     """Wraps ``base`` (an nn.Linear, GPT-2 Conv1D, LayerNorm, attention module, ...)."""

@@ -48,6 +48,12 @@ class DoRALayer(LoRALayer):
         w = slot.weight_oi()
         w.copy_(w / self._merge_scale[:, None] - self.delta_weight().to(w.dtype))
 
+    def to_peft_tensors(self):
+        return {**super().to_peft_tensors(), "lora_magnitude_vector": self.magnitude}
+
+    def from_peft_tensors(self, t):
+        return {**super().from_peft_tensors(t), "magnitude": t["lora_magnitude_vector"]}
+
 
 @register
 @dataclass

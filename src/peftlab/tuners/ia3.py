@@ -40,6 +40,12 @@ class IA3Layer(Adapter):
             if slot.bias is not None:
                 slot.bias.mul_(l.to(slot.bias.dtype))
 
+    def to_peft_tensors(self):  # peft stores (out, 1) for output scaling and (1, in) for input scaling
+        return {"ia3_l": self.ia3_l[None, :] if self.on_input else self.ia3_l[:, None]}
+
+    def from_peft_tensors(self, t):
+        return {"ia3_l": t["ia3_l"].reshape(-1)}
+
     def unmerge(self, slot) -> None:
         w, l = slot.weight_oi(), self.ia3_l.detach()
         if self.on_input:
@@ -57,6 +63,7 @@ class IA3Config(MethodConfig):
 
     method = "ia3"
     default_roles = ("k", "v", "ffn_out")
+    peft_type = "IA3"
 
     feedforward: list[str] | None = None
 
@@ -68,6 +75,15 @@ class IA3Config(MethodConfig):
         d_in, d_out = linear_dims(target.module)
         ff = self._is_ff(target)
         return IA3Layer(d_in if ff else d_out, on_input=ff)
+
+    def to_peft_fields(self, adapters):
+        return {"feedforward_modules": sorted(n for n, a in adapters.items() if a.on_input)}
+
+    @classmethod
+    def from_peft_fields(cls, d, resolve):
+        if d.get("peft_type") != "IA3":
+            return None
+        return {"feedforward": resolve(d.get("feedforward_modules") or [])}
 
     def formula_count(self, targets) -> int:
         return sum(linear_dims(t.module)[0] if self._is_ff(t) else linear_dims(t.module)[1] for t in targets)

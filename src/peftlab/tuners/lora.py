@@ -52,6 +52,12 @@ class LoRALayer(Adapter):
         w = slot.weight_oi()
         w.sub_(self.delta_weight().to(w.dtype))
 
+    def to_peft_tensors(self):
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+
+    def from_peft_tensors(self, t):
+        return {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]}
+
 
 @register
 @dataclass
@@ -60,6 +66,7 @@ class LoRAConfig(MethodConfig):
 
     method = "lora"
     default_roles = ("q", "v")
+    peft_type = "LORA"
 
     r: int = 8
     alpha: float | None = None
@@ -84,3 +91,17 @@ class LoRAConfig(MethodConfig):
 
     def formula_count(self, targets) -> int:
         return sum(self.r * sum(linear_dims(t.module)) for t in targets)
+
+    def to_peft_fields(self, adapters):
+        return {"r": self.r, "lora_alpha": self.r if self.alpha is None else self.alpha, "lora_dropout": self.dropout,
+                "use_rslora": self.use_rslora, "use_dora": self.method == "dora"}
+
+    @classmethod
+    def from_peft_fields(cls, d, resolve):
+        if d.get("peft_type") != "LORA" or bool(d.get("use_dora")) != (cls.method == "dora"):
+            return None
+        for key, ok in (("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {})):
+            if d.get(key) not in (ok, None):
+                raise ValueError(f"peft LoRA option {key}={d.get(key)!r} is not supported by peftlab")
+        return {"r": d["r"], "alpha": d.get("lora_alpha", d["r"]), "dropout": d.get("lora_dropout", 0.0),
+                "use_rslora": bool(d.get("use_rslora", False))}
