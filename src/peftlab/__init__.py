@@ -35,8 +35,8 @@ from .errors import (  # noqa: E402
     UnknownMethodError,
     UnsupportedArchitectureError,
 )
-from .registry import config_class, get_config, methods  # noqa: E402
 from .interop.peft_format import export_peft, import_peft  # noqa: E402
+from .registry import config_class, get_config, methods  # noqa: E402
 from .report import report  # noqa: E402
 from .state import load, save  # noqa: E402
 from .tuners.bitfit import BitFitConfig  # noqa: E402

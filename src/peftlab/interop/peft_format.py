@@ -19,7 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core import attach, delete, get_adapter_config, slots, state
-from ..errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError, PeftlabError, UnknownMethodError
+from ..errors import (
+    AdapterExistsError,
+    CorruptAdapterError,
+    IncompatibleAdapterError,
+    PeftlabError,
+    UnknownMethodError,
+)
 from ..registry import _REGISTRY, _ensure_loaded
 from ..targets import iter_candidates
 
