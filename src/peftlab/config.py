@@ -158,6 +158,11 @@ def _coerce(tp, v, where: str):
             raise TypeError(f"{where}: expected one of {typing.get_args(tp)}, got {v!r}")
         return v
     if tp is float:
+        if isinstance(v, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(v)
+            except ValueError:
+                pass
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{where}: expected a number, got {v!r}")
         return float(v)

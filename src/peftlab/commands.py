@@ -1,0 +1,115 @@
+"""Subcommands ``train``, ``eval`` and ``predict`` of the ``peftlab`` CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .cli import _EXTENSIONS
+from .errors import PeftlabError
+
+
+def _train(args) -> int:
+    from .train import run
+
+    try:
+        res = run(args.config, args.overrides, resume=args.resume)
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if res:
+        print(json.dumps({k: res[k] for k in ("final", "best", "best_step", "trainable_params", "train_time_s")}, indent=2))
+    return 0
+
+
+def _load_run(run_dir: Path, overrides: list[str]):
+    """Model + tokenizer + task data of a finished run, with its best checkpoint loaded."""
+    import peftlab
+
+    from .train.config import load_config
+    from .train.data import load_task
+    from .train.loop import build_model
+
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise PeftlabError(f"{run_dir} is not a run directory (no config.json)")
+    cfg = load_config(json.loads(cfg_path.read_text()), overrides)
+    data = load_task(cfg)
+    best = run_dir / "best"
+    if cfg.method == "full":
+        import transformers
+
+        cls = transformers.AutoModelForCausalLM if data.kind == "choice" else transformers.AutoModelForSequenceClassification
+        from .backbones import load_tokenizer
+
+        return cls.from_pretrained(best).eval(), load_tokenizer(cfg.model), data, cfg
+    method, cfg.method = cfg.method, "full"  # build the bare model, then load the saved adapter onto it
+    model, tok = build_model(cfg, data)
+    cfg.method = method
+    peftlab.load(model, best)
+    return model.eval(), tok, data, cfg
+
+
+def _eval(args) -> int:
+    from .train.loop import evaluate
+
+    try:
+        model, tok, data, cfg = _load_run(Path(args.run_dir), args.overrides)
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(evaluate(model, tok, data, cfg), indent=2))
+    return 0
+
+
+def _predict(args) -> int:
+    import torch
+
+    try:
+        model, tok, data, cfg = _load_run(Path(args.run_dir), [])
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    texts = list(args.texts)
+    if args.file:
+        texts += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        print("error: give sentences or --file", file=sys.stderr)
+        return 2
+    if data.kind == "choice":
+        print("error: predict supports classification/regression runs", file=sys.stderr)
+        return 2
+    names = data.label_names
+    with torch.no_grad():
+        for text in texts:
+            parts = text.split(" ||| ")
+            enc = tok(*parts, return_tensors="pt", truncation=True, max_length=cfg.train.max_length)
+            logits = model(**enc).logits[0]
+            if data.kind == "regression":
+                print(json.dumps({"text": text, "score": logits.item()}))
+            else:
+                p = logits.softmax(-1)
+                k = int(p.argmax())
+                print(json.dumps({"text": text, "label": names[k] if names else k, "p": round(float(p[k]), 4)}))
+    return 0
+
+
+def _extend(sub) -> None:
+    t = sub.add_parser("train", help="train as configured by a YAML file")
+    t.add_argument("config", help="YAML run config (see docs/training.md)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 method_args.r=16")
+    t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    t.set_defaults(func=_train)
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint on its dev set(s)")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.eval_limit=100")
+    e.set_defaults(func=_eval)
+    p = sub.add_parser("predict", help="predict labels with a run's best checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*", help="sentences (a pair: 'first ||| second')")
+    p.add_argument("--file", help="one input per line")
+    p.set_defaults(func=_predict)
+
+
+_EXTENSIONS.append(_extend)

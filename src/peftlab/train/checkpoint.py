@@ -1,0 +1,83 @@
+"""Resumable training checkpoints: trainable weights, optimizer state, RNG state and loop state.
+
+Written into a temporary directory and swapped in with renames, so a kill at any moment leaves
+either the previous or the new checkpoint complete (``checkpoint/`` or, mid-swap, ``checkpoint.old/``).
+Tensors go to safetensors; scalars to JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+NAME = "checkpoint"
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        scalars["state"][str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{idx}.{k}"] = v.detach().clone().contiguous()
+            else:
+                scalars["state"][str(idx)][k] = v
+    return tensors, scalars
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
+    state = {}
+    for idx, sc in scalars["state"].items():
+        st = dict(sc)
+        for k, v in tensors.items():
+            parts = k.split(".")
+            if parts[0] == "opt" and parts[1] == idx:
+                st[parts[2]] = v
+        state[int(idx)] = st
+    opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+
+
+def save(run_dir: Path, params: dict[str, torch.Tensor], opt, loop_state: dict) -> None:
+    run_dir = Path(run_dir)
+    tmp = run_dir / f"{NAME}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"param.{k}": v.detach().clone().contiguous().cpu() for k, v in params.items()}
+    ot, osc = _flatten_optimizer(opt)
+    tensors.update(ot)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"loop": loop_state, "optimizer": osc}))
+    with open(tmp / "state.json") as f:
+        os.fsync(f.fileno())
+    final, old = run_dir / NAME, run_dir / f"{NAME}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find(run_dir: Path) -> Path | None:
+    for name in (NAME, f"{NAME}.old"):
+        p = Path(run_dir) / name
+        if (p / "state.json").is_file() and (p / "state.safetensors").is_file():
+            return p
+    return None
+
+
+def load(ckpt: Path, params: dict[str, torch.Tensor], opt) -> dict:
+    tensors = load_file(str(ckpt / "state.safetensors"))
+    meta = json.loads((ckpt / "state.json").read_text())
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[f"param.{k}"])
+    _unflatten_optimizer(opt, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    return meta["loop"]

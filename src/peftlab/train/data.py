@@ -1,0 +1,165 @@
+"""Turn task examples into tensors: classification batches and causal-LM multiple-choice batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import PeftlabError
+from . import tasks as T
+from .config import RunConfig
+
+def _shared_data() -> Path:
+    """../shared/data beside the checkout (or $PEFTLAB_DATA)."""
+    import os
+
+    if os.environ.get("PEFTLAB_DATA"):
+        return Path(os.environ["PEFTLAB_DATA"])
+    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        if (base.parent / "shared" / "data").is_dir():
+            return base.parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
+
+
+@dataclass
+class TaskData:
+    kind: str  # "classification" | "regression" | "choice"
+    train: list
+    dev: dict[str, list]  # dev-set name -> examples
+    metrics: tuple[str, ...]
+    num_labels: int = 2
+    label_names: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _root(cfg: RunConfig, sub: str) -> Path:
+    if cfg.task.data_dir:
+        return Path(cfg.task.data_dir).expanduser()
+    if not (SHARED_DATA / sub).is_dir():
+        raise PeftlabError(f"task {cfg.task.name!r}: set task.data_dir (no data found at {SHARED_DATA / sub})")
+    return SHARED_DATA / sub
+
+
+def load_task(cfg: RunConfig) -> TaskData:
+    t = cfg.task
+    name = T.GLUE_ALIASES.get(t.name.lower(), t.name.lower())
+    if name == "demo":
+        from ..demo_data import demo_examples
+
+        train, dev = demo_examples()
+        data = TaskData("classification", train, {"dev": dev}, ("accuracy",), 2, ["negative", "positive"])
+    elif name in T.GLUE:
+        spec = T.GLUE[name]
+        if t.from_hub:  # pragma: no cover - network
+            train = T.glue_from_hub(name, "train")
+            devs = {"dev": T.glue_from_hub(name, "validation_matched" if name == "mnli" else "validation")}
+        else:
+            root = _root(cfg, "glue")
+            train = T.read_glue(name, root, "train")
+            devs = {f.removesuffix(".tsv"): T.read_glue(name, root, f) for f in spec.dev}
+        kind = "regression" if name == "stsb" else "classification"
+        data = TaskData(kind, train, devs, spec.metrics, T.glue_num_labels(name), list(spec.labels) if spec.labels else None)
+    elif name in T.QA_READERS:
+        root = _root(cfg, "qa")
+        tr_default, dev_default = T.QA_DEFAULT_FILES[name]
+        tr = t.train_file or tr_default
+        dv = t.dev_file or dev_default
+        reader = T.QA_READERS[name]
+        train = reader(root / tr) if tr else []
+        data = TaskData("choice", train, {"dev": reader(root / dv)}, ("accuracy",))
+    elif name == "table":
+        if not t.train_file or not t.dev_file:
+            raise PeftlabError("task 'table' needs task.train_file and task.dev_file (CSV or JSONL)")
+        label_map = {lab: i for i, lab in enumerate(t.labels)} if t.labels else None
+        train = T.read_table(Path(t.train_file), t.text_columns, t.label_column, label_map)
+        dev = T.read_table(Path(t.dev_file), t.text_columns, t.label_column, label_map)
+        if t.regression:
+            data = TaskData("regression", train, {"dev": dev}, ("pearson", "spearman"), 1)
+        else:
+            n = len(t.labels) if t.labels else int(max(e.label for e in train + dev)) + 1
+            data = TaskData("classification", train, {"dev": dev}, ("accuracy", "f1") if n == 2 else ("accuracy",), n, t.labels)
+    else:
+        raise PeftlabError(f"unknown task {t.name!r}: GLUE ({', '.join(T.GLUE)}), QA ({', '.join(T.QA_READERS)}), table or demo")
+    data.train = T.subset(data.train, t.train_limit, t.subset_seed)
+    data.dev = {k: T.subset(v, t.eval_limit, t.subset_seed) for k, v in data.dev.items()}
+    if not data.train and cfg.train.max_steps != 0:
+        raise PeftlabError(f"task {t.name!r} has no training examples (set task.train_file)")
+    return data
+
+
+# ------------------------------------------------------------------- classification
+def encode_classification(tok, examples: list, max_length: int) -> list[dict]:
+    out = []
+    for e in examples:
+        enc = tok(*e.texts, truncation=True, max_length=max_length)
+        out.append({"input_ids": enc["input_ids"], "label": e.label,
+                    **({"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {})})
+    return out
+
+
+def collate(items: list[dict], pad_id: int, regression: bool = False) -> dict[str, torch.Tensor]:
+    n = max(len(i["input_ids"]) for i in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    tt = torch.zeros((len(items), n), dtype=torch.long) if "token_type_ids" in items[0] else None
+    for j, it in enumerate(items):
+        L = len(it["input_ids"])
+        ids[j, :L] = torch.tensor(it["input_ids"])
+        mask[j, :L] = 1
+        if tt is not None:
+            tt[j, :L] = torch.tensor(it["token_type_ids"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if tt is not None:
+        batch["token_type_ids"] = tt
+    if "label" in items[0]:
+        batch["labels"] = torch.tensor([it["label"] for it in items], dtype=torch.float if regression else torch.long)
+    if "lm_labels" in items[0]:
+        lab = torch.full((len(items), n), -100, dtype=torch.long)
+        for j, it in enumerate(items):
+            lab[j, : len(it["lm_labels"])] = torch.tensor(it["lm_labels"])
+        batch["labels"] = lab
+    return batch
+
+
+# ------------------------------------------------------------------- multiple choice (causal LM)
+def _ctx_choice_ids(tok, context: str, choice: str, max_length: int) -> tuple[list[int], int]:
+    """Token ids of context+choice and the number of context tokens (left-truncated to max_length)."""
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None and context == "" else []
+    ctx = bos + tok(context, add_special_tokens=False)["input_ids"] if context else bos
+    ch = tok(choice, add_special_tokens=False)["input_ids"]
+    ids = ctx + ch
+    cut = max(0, len(ids) - max_length)
+    return ids[cut:], max(len(ctx) - cut, 1 if bos else 0)
+
+
+def encode_choice_train(tok, examples: list, max_length: int) -> list[dict]:
+    """LM fine-tuning on the answer: labels are the answer tokens only."""
+    out = []
+    for e in examples:
+        ids, n_ctx = _ctx_choice_ids(tok, e.context, e.choices[e.label], max_length)
+        out.append({"input_ids": ids, "lm_labels": [-100] * n_ctx + ids[n_ctx:]})
+    return out
+
+
+def encode_choice_eval(tok, examples: list, max_length: int) -> list[dict]:
+    out = []
+    for qi, e in enumerate(examples):
+        for ci, c in enumerate(e.choices):
+            ids, n_ctx = _ctx_choice_ids(tok, e.context, c, max_length)
+            out.append({"input_ids": ids, "lm_labels": [-100] * n_ctx + ids[n_ctx:], "q": qi, "c": ci})
+    return out
+
+
+def choice_scores(logits: torch.Tensor, labels: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Sum (or per-token mean) log-likelihood of the labelled tokens of each row."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    tgt = labels[:, 1:]
+    mask = tgt != -100
+    tok_lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
+    s = tok_lp.sum(-1)
+    return s / mask.sum(-1).clamp_min(1) if normalize else s

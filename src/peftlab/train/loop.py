@@ -1,0 +1,281 @@
+"""The training loop: ``run(config) -> results``. Resumable, NaN-safe, distributed via accelerate.
+
+Data order is a pure function of (seed, epoch), and the loop state (step, best score, patience,
+history, RNG) is checkpointed, so a run killed at any point and resumed with ``resume=True`` ends
+with the same metrics as an uninterrupted one. Under ``accelerate launch`` each global batch is
+split across processes and gradients are averaged by DDP; evaluation runs on the main process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import peftlab
+
+from ..errors import PeftlabError
+from . import checkpoint
+from .config import RunConfig, load_config
+from .data import (
+    TaskData,
+    choice_scores,
+    collate,
+    encode_choice_eval,
+    encode_choice_train,
+    encode_classification,
+    load_task,
+)
+from .metrics import compute
+
+log = logging.getLogger("peftlab.train")
+
+
+class TrainingDivergedError(PeftlabError, RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _accelerator(cfg: RunConfig):
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+    except ImportError:  # pragma: no cover
+        return None
+    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)])
+
+
+def build_model(cfg: RunConfig, data: TaskData):
+    from ..backbones import SHORT_NAMES, load_model, load_tokenizer
+
+    task = "causal-lm" if data.kind == "choice" else ("regression" if data.kind == "regression" else "classification")
+    name = cfg.model
+    tok = load_tokenizer(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    kwargs = dict(cfg.model_args)
+    if task != "causal-lm" and data.label_names:
+        kwargs.setdefault("id2label", dict(enumerate(data.label_names)))
+        kwargs.setdefault("label2id", {v: k for k, v in enumerate(data.label_names)})
+    model = load_model(name, task=task, num_labels=data.num_labels, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    if cfg.method != "full":
+        peftlab.attach(model, peftlab.get_config(cfg.method, **cfg.method_args))
+    del SHORT_NAMES
+    return model, tok
+
+
+def _schedule(cfg: RunConfig, total: int):
+    t = cfg.train
+    warm = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_ratio * total))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(warm, 1)
+        if t.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(total - warm, 1)
+        return max(0.0, 1 - frac) if t.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return f
+
+
+@torch.no_grad()
+def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
+    model.eval()
+    out: dict[str, float] = {}
+    bs = cfg.train.eval_batch_size
+    for di, (dname, examples) in enumerate(data.dev.items()):
+        prefix = "" if di == 0 else f"{dname}_"
+        if data.kind == "choice":
+            items = encode_choice_eval(tok, examples, cfg.train.max_length)
+            best: dict[int, tuple[float, int]] = {}
+            for i in range(0, len(items), bs):
+                chunk = items[i : i + bs]
+                b = collate(chunk, tok.pad_token_id)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                sc = choice_scores(logits, b["labels"], cfg.task.length_normalize)
+                for it, s in zip(chunk, sc.tolist()):
+                    if it["q"] not in best or s > best[it["q"]][0]:
+                        best[it["q"]] = (s, it["c"])
+            preds = [best[q][1] for q in range(len(examples))]
+            labels = [e.label for e in examples]
+        else:
+            items = encode_classification(tok, examples, cfg.train.max_length)
+            preds, labels = [], []
+            for i in range(0, len(items), bs):
+                b = collate(items[i : i + bs], tok.pad_token_id, data.kind == "regression")
+                labels += b.pop("labels").tolist()
+                logits = model(**b).logits
+                preds += (logits.squeeze(-1) if data.kind == "regression" else logits.argmax(-1)).tolist()
+        out.update({prefix + k: v for k, v in compute(data.metrics, preds, labels).items()})
+    model.train()
+    return out
+
+
+def _peak_mem_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(source, overrides: list[str] | None = None, resume: bool = False) -> dict:
+    """Train and evaluate as configured; returns (and writes) the results."""
+    cfg = source if isinstance(source, RunConfig) else load_config(source, overrides)
+    t = cfg.train
+    acc = _accelerator(cfg)
+    world = acc.num_processes if acc else 1
+    rank = acc.process_index if acc else 0
+    main = rank == 0
+    out = Path(cfg.output_dir)
+    ckpt = checkpoint.find(out)
+    if main:
+        if ckpt is not None and not resume:
+            raise PeftlabError(f"{out} already holds a run checkpoint; pass --resume to continue it or pick another output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        handler = logging.FileHandler(out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    torch.manual_seed(t.seed)
+    data = load_task(cfg)
+    model, tok = build_model(cfg, data)
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    decay = [p for n, p in params.items() if not (n.endswith("bias") or "LayerNorm" in n or "layernorm" in n)]
+    no_decay = [p for n, p in params.items() if n.endswith("bias") or "LayerNorm" in n or "layernorm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
+    if data.kind == "choice":
+        train_items = encode_choice_train(tok, data.train, t.max_length)
+    else:
+        train_items = encode_classification(tok, data.train, t.max_length)
+    gbs = t.batch_size * world
+    per_epoch = max(1, len(train_items) // gbs if world > 1 else math.ceil(len(train_items) / gbs))
+    steps_per_epoch = max(1, per_epoch // t.grad_accum)
+    total = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))
+    eval_steps = {s for s in range(1, total + 1) if (t.eval_every and s % t.eval_every == 0) or (not t.eval_every and s % steps_per_epoch == 0)}
+    eval_steps.add(total)
+    metric = t.metric or (data.metrics[0] if data.kind != "choice" else "accuracy")
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_time": 0.0, "loss_sum": 0.0, "loss_n": 0}
+    if resume and ckpt is not None:
+        state = checkpoint.load(ckpt, params, opt)  # restores the optimizer's current lr too
+        sched.last_epoch = state["step"]
+        if main:
+            log.info("resumed from %s at step %d", ckpt, state["step"])
+            (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+    elif main:
+        (out / "metrics.jsonl").write_text("")
+    if acc:
+        model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model) if acc else model
+    regression = data.kind == "regression"
+
+    def micro_batch(k: int) -> dict:
+        epoch, j = divmod(k, per_epoch)
+        perm = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(t.seed * 1000 + epoch))
+        idx = perm[j * gbs : (j + 1) * gbs].tolist()
+        mine = idx[rank * t.batch_size : (rank + 1) * t.batch_size] if world > 1 else idx
+        return collate([train_items[i] for i in mine], tok.pad_token_id, regression)
+
+    bar = None
+    if main and t.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc=f"{cfg.method} {cfg.task.name}", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter() - state["train_time"]
+    stopped_early = False
+    while state["step"] < total:
+        step = state["step"]
+        loss_val = 0.0
+        for m in range(t.grad_accum):
+            batch = micro_batch(step * t.grad_accum + m)
+            loss = model(**batch).loss
+            extra = peftlab.training_loss(raw)
+            if extra is not None:
+                loss = loss + extra
+            if not torch.isfinite(loss.detach()):
+                last = checkpoint.find(out)
+                msg = (f"non-finite loss ({loss.item()}) at step {step + 1}: training stopped. "
+                       f"Last good checkpoint: {last if last else 'none yet'}; best adapter: {out / 'best'}. "
+                       f"Try a lower learning rate (train.lr={t.lr}) or gradient clipping (train.max_grad_norm).")
+                if main:
+                    log.error(msg)
+                raise TrainingDivergedError(msg)
+            (acc.backward(loss / t.grad_accum) if acc else (loss / t.grad_accum).backward())
+            loss_val += loss.item() / t.grad_accum
+        if t.max_grad_norm:
+            (acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(list(params.values()), t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        state["step"] = step = step + 1
+        peftlab.on_train_step(raw, step, total)
+        state["loss_sum"] += loss_val
+        state["loss_n"] += 1
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.update(1)
+        save_now = t.save_every is not None and step % t.save_every == 0
+        if step in eval_steps:
+            if acc:
+                acc.wait_for_everyone()
+            if main:
+                metrics = evaluate(raw, tok, data, cfg)
+                rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": state["loss_sum"] / max(state["loss_n"], 1), **metrics}
+                state["loss_sum"], state["loss_n"] = 0.0, 0
+                state["history"].append(rec)
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                log.info("eval %s", json.dumps(rec))
+                score = metrics.get(metric)
+                if score is None:
+                    raise PeftlabError(f"train.metric {metric!r} is not one of the task's metrics {sorted(metrics)}")
+                if peftlab.checkpoint_eligible(raw, step, total) and (state["best"] is None or score > state["best"]):
+                    state.update(best=score, best_step=step, bad_evals=0, best_metrics=metrics)
+                    _save_best(raw, out / "best", cfg)
+                else:
+                    state["bad_evals"] += 1
+            save_now = True
+        if save_now and main:
+            state["train_time"] = time.perf_counter() - t0
+            checkpoint.save(out, {n: p for n, p in raw.named_parameters() if p.requires_grad}, opt, state)
+        if acc and save_now:
+            acc.wait_for_everyone()
+        if t.patience is not None and state["bad_evals"] >= t.patience:
+            stopped_early = True
+            break
+    if bar is not None:
+        bar.close()
+    train_time = time.perf_counter() - t0
+    if not main:
+        return {}
+    final = state["history"][-1] if state["history"] else {}
+    rep = peftlab.report(raw) if cfg.method != "full" else None
+    results = {
+        "task": cfg.task.name, "method": cfg.method, "model": cfg.model,
+        "final": {k: v for k, v in final.items() if k not in ("step", "epoch", "train_loss")},
+        "best": state.get("best_metrics"), "best_step": state["best_step"], "metric": metric,
+        "steps": state["step"], "total_steps": total, "stopped_early": stopped_early,
+        "trainable_params": sum(p.numel() for p in raw.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in raw.parameters()),
+        "adapter_params": sum(r.params for r in rep.adapters) if rep else None,
+        "train_time_s": train_time, "steps_per_s": state["step"] / max(train_time, 1e-9),
+        "peak_memory_mb": _peak_mem_mb(), "world_size": world,
+        "train_examples": len(train_items),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    log.info("results %s", json.dumps(results))
+    return results
+
+
+def _save_best(model, path: Path, cfg: RunConfig) -> None:
+    if cfg.method == "full":
+        model.save_pretrained(path, safe_serialization=True)
+    else:
+        peftlab.save(model, path)
