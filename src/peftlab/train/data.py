@@ -11,6 +11,7 @@ from ..errors import PeftlabError
 from . import tasks as T
 from .config import RunConfig
 
+
 def _shared_data() -> Path:
     """../shared/data beside the checkout (or $PEFTLAB_DATA)."""
     import os
