@@ -46,7 +46,9 @@ def _accelerator(cfg: RunConfig):
         from accelerate.utils import DistributedDataParallelKwargs
     except ImportError:  # pragma: no cover
         return None
-    return Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)])
+    # cpu=True on CPU-only machines makes launchers' WORLD_SIZE>1 a gloo process group (MULTI_CPU)
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)])
 
 
 def build_model(cfg: RunConfig, data: TaskData):
