@@ -1,0 +1,123 @@
+"""GLUE on MiniLM: full fine-tuning vs LoRA (ours and Hugging Face peft's, same loop) vs each method.
+
+    python benchmarks/glue_minilm.py                                  # all methods x sst2 mrpc rte cola
+    python benchmarks/glue_minilm.py --methods lora peft-lora --tasks sst2
+
+SST-2 uses a fixed 8k training subset (task.subset_seed 0); other tasks their full training sets;
+1 epoch, batch 32, max length 128, linear schedule with 6% warm-up, seed 42; dev-set metrics.
+``peft-lora`` runs peft's LoRA inside the *same* training loop (same data order, seed, head) for a
+like-for-like reference. Results append to benchmarks/results/glue_minilm.jsonl (one line per run,
+so an interrupted sweep keeps what finished) and are tabulated in glue_minilm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from peftlab.train import loop, run
+
+RESULTS = Path(__file__).parent / "results"
+
+# method name -> (peftlab method or "full", method_args, learning rate)
+METHODS: dict[str, tuple[str, dict, float]] = {
+    "full": ("full", {}, 5e-5),
+    "lora": ("lora", {"r": 8, "alpha": 8, "targets": ["query", "value"]}, 5e-4),
+    "peft-lora": ("lora", {"r": 8, "alpha": 8, "targets": ["query", "value"]}, 5e-4),
+    "dora": ("dora", {"r": 8, "alpha": 8, "targets": ["query", "value"]}, 5e-4),
+    "ia3": ("ia3", {}, 3e-3),
+    "bitfit": ("bitfit", {}, 1e-3),
+}
+TASKS = {"sst2": {"train_limit": 8000}, "mrpc": {}, "rte": {}, "cola": {}}
+
+
+def _peft_build_model(cfg, data):
+    """Like loop.build_model, but attaches Hugging Face peft's LoRA instead of ours."""
+    import peft
+
+    method, cfg.method = cfg.method, "full"
+    model, tok = loop.build_model(cfg, data)
+    cfg.method = method
+    a = cfg.method_args
+    pcfg = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], target_modules=a["targets"], task_type="SEQ_CLS")
+    return peft.get_peft_model(model, pcfg), tok
+
+
+def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int) -> dict:
+    name, args, lr = METHODS[method]
+    cfg = {
+        "model": "minilm", "method": name, "method_args": args,
+        "task": {"name": task, **TASKS[task]},
+        "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "max_length": 128, "warmup_ratio": 0.06,
+                  "schedule": "linear", "seed": seed, "progress": False},
+        "output_dir": str(out_root / f"{task}-{method}-s{seed}"),
+    }
+    original = loop.build_model
+    if method.startswith("peft-"):
+        loop.build_model = _peft_build_model
+    try:
+        t0 = time.perf_counter()
+        res = run(cfg)
+        res["wall_s"] = time.perf_counter() - t0
+    finally:
+        loop.build_model = original
+    res.update(bench_method=method, lr=lr, epochs=epochs, seed=seed)
+    return res
+
+
+def to_markdown(rows: list[dict]) -> str:
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    methods = list(dict.fromkeys(r["bench_method"] for r in rows))
+    head = "| method | trainable params | " + " | ".join(tasks) + " | train time (s, sum) |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for m in methods:
+        cells, t_sum, params = [], 0.0, None
+        for t in tasks:
+            r = [x for x in rows if x["bench_method"] == m and x["task"] == t]
+            if not r:
+                cells.append("—")
+                continue
+            r = r[-1]
+            f = r["final"]
+            metric = {"cola": "matthews", "mrpc": "f1"}.get(t, "accuracy")
+            extra = f" / acc {f['accuracy']:.3f}" if t == "mrpc" else ""
+            cells.append(f"{f[metric]:.3f}{extra}")
+            t_sum += r["train_time_s"]
+            params = r["trainable_params"]
+        lines.append(f"| {m} | {params:,} | " + " | ".join(cells) + f" | {t_sum:.0f} |")
+    note = ("\nMetrics: SST-2 / RTE accuracy, MRPC F1 (and accuracy), CoLA Matthews correlation; final dev score "
+            "after training. Trainable parameters include the classification head.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS))
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out", default="runs/glue_minilm")
+    ap.add_argument("--results", default=str(RESULTS / "glue_minilm"))
+    args = ap.parse_args(argv)
+    res_path = Path(args.results)
+    res_path.parent.mkdir(parents=True, exist_ok=True)
+    jl = res_path.with_suffix(".jsonl")
+    for task in args.tasks:
+        for m in args.methods:
+            if m not in METHODS:
+                ap.error(f"unknown method {m}; known {list(METHODS)}")
+            r = run_one(m, task, args.epochs, Path(args.out), args.seed)
+            with open(jl, "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps({k: r[k] for k in ("bench_method", "task", "final", "train_time_s", "trainable_params")}), flush=True)
+    rows = [json.loads(x) for x in jl.read_text().splitlines() if x.strip()]
+    res_path.with_suffix(".md").write_text(to_markdown(rows))
+    print(to_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
