@@ -163,3 +163,30 @@ def test_demo_command(tmp_path):
     acc = float(r.stdout.split("dev accuracy after training:")[1].split()[0])
     assert acc >= 0.9
     assert (Path(tmp_path) / "demo" / "best" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_multiple_choice_qa_on_smollm(tmp_path):
+    """Causal-LM QA: LM loss on the answer, evaluation by length-normalised choice log-likelihood."""
+    fix = Path(__file__).parent / "fixtures" / "qa"
+    c = {
+        "model": "smollm2-135m", "method": "lora", "method_args": {"r": 4, "targets": ["q", "v"]},
+        "task": {"name": "arc_easy", "data_dir": str(fix), "train_file": "arc_easy/train.jsonl", "dev_file": "arc_easy/dev.jsonl"},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "max_length": 64, "progress": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    res = run(c)
+    assert 0.0 <= res["final"]["accuracy"] <= 1.0 and res["steps"] == 2
+    from peftlab.train.data import choice_scores, collate, encode_choice_eval
+
+    tok = peftlab.backbones.load_tokenizer("smollm2-135m")
+    from peftlab.train.tasks import read_arc
+
+    items = encode_choice_eval(tok, read_arc(fix / "arc_easy/dev.jsonl"), 64)
+    assert len(items) == 5 and all(any(x != -100 for x in it["lm_labels"]) for it in items)
+    b = collate(items, tok.pad_token_id)
+    import torch
+
+    logits = torch.zeros(len(items), b["input_ids"].shape[1], tok.vocab_size if hasattr(tok, "vocab_size") else 49152)
+    s = choice_scores(logits, b["labels"], normalize=True)  # uniform model: mean log-prob = -log(V)
+    assert torch.allclose(s, torch.full_like(s, -torch.log(torch.tensor(float(logits.shape[-1])))), atol=1e-4)
