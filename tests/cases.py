@@ -28,4 +28,7 @@ CASES: dict[str, Case] = {
     "dora": Case(lambda: peftlab.DoRAConfig(r=4, alpha=8)),
     "ia3": Case(lambda: peftlab.IA3Config()),
     "bitfit": Case(lambda: peftlab.BitFitConfig()),
+    "goft": Case(lambda: peftlab.get_config("goft")),
+    "goft_star": Case(lambda: peftlab.get_config("goft", scale=True, targets=["q", "v", "ffn_out"]), real=False),
+    "qgoft": Case(lambda: peftlab.get_config("qgoft", reg_lambda=0.01)),
 }

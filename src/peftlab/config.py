@@ -54,6 +54,10 @@ class MethodConfig:
         """The simple configs this one expands into (composites override this)."""
         return [self]
 
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """Targets used when ``targets`` is None (methods may depend on the family)."""
+        return list(self.default_roles)
+
     def keep(self, target) -> bool:
         """Final per-target filter after selection (e.g. BitFit skips norms without a bias)."""
         return True

@@ -88,7 +88,7 @@ def _name_matches(name: str, suffix: str) -> bool:
 def select(model: nn.Module, config, roles: tuple[str, ...] | None = None) -> list[Target]:
     """Match ``config``'s selection against ``model``; raise if nothing matches."""
     fam = family_of(model)
-    wanted = config.targets if config.targets is not None else list(roles or config.default_roles)
+    wanted = config.targets if config.targets is not None else list(roles or config.default_targets(model))
     accepts = set(config.accepts)
     layers = set(config.layers) if config.layers is not None else None
     regex = re.compile(config.target_regex) if config.target_regex else None

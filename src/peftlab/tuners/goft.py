@@ -1,0 +1,180 @@
+"""GOFT / GOFT* / qGOFT (Ma et al., ICML 2024): (quasi-)orthogonal fine-tuning with parallel Givens rotations.
+
+y = W Rᵀ x + b with R = P_L ⋯ P_2 P_1 (· diag(s) for GOFT*) acting on the *input* dimension
+(paper Eq. 4; product order as in the authors' v1 code, since the paper's Π_r P_r leaves it open).
+Level r (Eq. 3) uses stride s = 2^(r−1) and rotates the disjoint pairs (2s·k, 2s·k + s),
+k < c_r = ⌊n_r/2⌋, n_1 = d, n_{r+1} = ⌈n_r/2⌉ (odd leftovers carry to the next level): d − 1 angles
+in ⌈log₂ d⌉ levels, stored level 1 first.
+
+- GOFT: θ = π·tanh(φ), φ = 0 at start (the v1 code's parameterisation; the paper only says θ is
+  zero-initialised), so R = I exactly. cos/sin are computed in fp32.
+- GOFT* (``scale=True``): a learned diagonal scale s (init 1) applied after the rotations. NB: the
+  official code's default (``strict_oft=True, no_scaling=False``) is GOFT*, not GOFT; the paper's
+  GOFT parameter counts are without the scale, which is our default.
+- qGOFT (``method: qgoft``): every 2×2 block is a free matrix M = [α β] initialised to I, with the
+  soft-orthogonality regulariser λ Σ ⟨α, β⟩² (Eq. 6) returned by ``training_loss`` so training loops
+  add it automatically (the official code lacks it).
+
+Training applies each level to the activations with elementwise ops (x' = a⊙x + b⊙x[p], O(d) per
+token per level, no dense d×d matrix); under autograd the rotation is recomputed in backward
+(activation checkpointing), so only its input is kept. ``merge`` densifies R once: W' = W Rᵀ; the
+original W is kept to unmerge exactly (qGOFT's R may be ill-conditioned).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import MethodConfig
+from ..families import family_of
+from ..registry import register
+from ..slot import Adapter, linear_dims
+
+
+def givens_pairs(d: int) -> list[tuple[list[int], list[int]]]:
+    """Per level r = 1..⌈log₂ d⌉: the (i, j) pairs (2s·k, 2s·k + s), s = 2^(r−1) (paper Eq. 3)."""
+    levels, n, s = [], d, 1
+    while n > 1:
+        c = n // 2
+        i = [2 * s * k for k in range(c)]
+        levels.append((i, [x + s for x in i]))
+        n, s = (n + 1) // 2, 2 * s
+    return levels
+
+
+class GivensRotation(Adapter):
+    """Applies x ↦ Rᵀ x (then the base linear): levels P_Lᵀ first, P_1ᵀ last, then diag(s)."""
+
+    mergeable = True
+
+    def __init__(self, d: int, quasi: bool = False, scale: bool = False, recompute: bool = True):
+        super().__init__()
+        self.d, self.quasi, self.recompute = d, quasi, recompute
+        levels = givens_pairs(d)
+        self.n_angles = sum(len(i) for i, _ in levels)
+        if quasi:
+            self.blocks = nn.Parameter(torch.eye(2).repeat(self.n_angles, 1, 1))  # M_i = [α_i β_i] = I
+        else:
+            self.phi = nn.Parameter(torch.zeros(self.n_angles))
+        self.scale = nn.Parameter(torch.ones(d)) if scale else None
+        self.sizes = [len(i) for i, _ in levels]
+        for r, (i, j) in enumerate(levels):
+            ij = torch.tensor(i + j)
+            partner = torch.arange(d)
+            partner[torch.tensor(i)] = torch.tensor(j)
+            partner[torch.tensor(j)] = torch.tensor(i)
+            self.register_buffer(f"ij{r}", ij, persistent=False)
+            self.register_buffer(f"partner{r}", partner, persistent=False)
+        self._weight_copy: torch.Tensor | None = None
+
+    def block_entries(self) -> tuple[torch.Tensor, ...]:
+        """(M00, M01, M10, M11) of every 2×2 block, fp32; for GOFT M = [[cos, −sin], [sin, cos]]."""
+        if self.quasi:
+            m = self.blocks.float()
+            return m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+        theta = math.pi * torch.tanh(self.phi.float())
+        c, s = torch.cos(theta), torch.sin(theta)
+        return c, -s, s, c
+
+    def level_coefficients(self, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, vectors (a, b) with (P_rᵀ x)_k = a_k x_k + b_k x_{partner(k)}."""
+        m00, m01, m10, m11 = self.block_entries()
+        out, start = [], 0
+        ones, zeros = torch.ones(self.d, device=m00.device), torch.zeros(self.d, device=m00.device)
+        for r, n in enumerate(self.sizes):
+            sl = slice(start, start + n)
+            ij = getattr(self, f"ij{r}")
+            a = ones.index_copy(0, ij, torch.cat([m00[sl], m11[sl]]))
+            b = zeros.index_copy(0, ij, torch.cat([m10[sl], m01[sl]]))
+            out.append((a.to(dtype), b.to(dtype)))
+            start += n
+        return out
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rᵀ x for the last dimension of x."""
+        coef = self.level_coefficients(x.dtype)
+        for r in reversed(range(len(self.sizes))):
+            a, b = coef[r]
+            x = torch.addcmul(x * a, x.index_select(-1, getattr(self, f"partner{r}")), b)
+        if self.scale is not None:
+            x = x * self.scale.to(x.dtype)
+        return x
+
+    def forward(self, slot, base_fn, x):
+        if self.recompute and torch.is_grad_enabled():
+            x = checkpoint(self.rotate, x, use_reentrant=False)
+        else:
+            x = self.rotate(x)
+        return base_fn(x)
+
+    def dense(self) -> torch.Tensor:
+        """R as a dense d×d matrix (rows of rotate(I) are the rows of R)."""
+        eye = torch.eye(self.d, device=self.block_entries()[0].device)
+        return self.rotate(eye)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """Σ_i ⟨α_i, β_i⟩² over this layer's 2×2 blocks (zero for exact rotations)."""
+        m00, m01, m10, m11 = self.block_entries()
+        return (m00 * m01 + m10 * m11).pow(2).sum()
+
+    def merge(self, slot) -> None:
+        w = slot.weight_oi()
+        self._weight_copy = w.detach().clone()
+        r = self.dense().to(torch.float32)
+        w.copy_((w.float() @ r.t()).to(w.dtype))
+
+    def unmerge(self, slot) -> None:
+        slot.weight_oi().copy_(self._weight_copy)
+        self._weight_copy = None
+
+
+@register
+@dataclass
+class GOFTConfig(MethodConfig):
+    """Givens orthogonal fine-tuning; ``scale=True`` is GOFT* (learned diagonal scale)."""
+
+    method = "goft"
+    default_roles = ("q", "k", "v", "o", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_gate")
+
+    scale: bool = False
+    recompute: bool = True  # recompute the rotation in backward instead of storing per-level activations
+
+    _quasi = False
+
+    def default_targets(self, model):
+        """Paper: all linear layers of each block for encoders; q/k/v/o for decoder LLMs."""
+        fam = family_of(model)
+        if fam is not None and fam.kind == "decoder":
+            return ["q", "k", "v", "o"]
+        return list(self.default_roles)
+
+    def make_adapter(self, target, shared):
+        d_in, _ = linear_dims(target.module)
+        return GivensRotation(d_in, quasi=self._quasi, scale=self.scale, recompute=self.recompute)
+
+    def formula_count(self, targets) -> int:
+        per = 4 if self._quasi else 1
+        return sum(per * (linear_dims(t.module)[0] - 1) + (linear_dims(t.module)[0] if self.scale else 0) for t in targets)
+
+
+@register
+@dataclass
+class QGOFTConfig(GOFTConfig):
+    """Quasi-Givens OFT: free 2×2 blocks + the soft-orthogonality regulariser λ Σ⟨α, β⟩²."""
+
+    method = "qgoft"
+    reg_lambda: float = 0.01
+
+    _quasi = True
+
+    def training_loss(self, model, name):
+        from ..core import slots
+
+        terms = [s.adapters[name].orthogonality_penalty() for _, s in slots(model)
+                 if name in s.adapters and name in s.active and isinstance(s.adapters[name], GivensRotation)]
+        return self.reg_lambda * torch.stack(terms).sum() if terms and self.reg_lambda else None
