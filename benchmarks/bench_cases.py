@@ -61,3 +61,32 @@ CASES: dict[str, dict] = {
     "ia3": {"ours": ia3_ours, "peft": ia3_peft, "ref": "lora"},
     "bitfit": {"ours": bitfit_ours, "peft": None, "ref": "lora"},
 }
+
+ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def goft_ours(m):
+    return peftlab.attach(m, peftlab.get_config("goft"))
+
+
+def qgoft_ours(m):
+    return peftlab.attach(m, peftlab.get_config("qgoft"))
+
+
+def boft_peft(m):
+    import peft
+
+    return _peft(m, peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=ALL_LINEAR,
+                                    task_type="SEQ_CLS"))
+
+
+def oft_peft(m):
+    import peft
+
+    return _peft(m, peft.OFTConfig(oft_block_size=32, r=0, target_modules=ALL_LINEAR, task_type="SEQ_CLS"))
+
+
+CASES.update({
+    "goft": {"ours": goft_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2)"},
+    "qgoft": {"ours": qgoft_ours, "peft": oft_peft, "ref": "lora", "peft_name": "OFT (block 32)"},
+})

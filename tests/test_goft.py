@@ -139,3 +139,23 @@ def test_recompute_gives_same_gradients_and_keeps_less():
         output_tensor(m(**x)).pow(2).mean().backward()
     for (n, a), b in zip(peftlab.trainable_parameters(m1).items(), peftlab.trainable_parameters(m2).values()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), n
+
+
+@pytest.mark.parametrize("method", ["goft", "qgoft"])
+def test_weight_and_activation_paths_agree(method):
+    m1, x = tiny_model("bert"), tiny_inputs("bert")
+    m2 = copy.deepcopy(m1)
+    peftlab.attach(m1, peftlab.get_config(method, apply="weight", scale=True))
+    peftlab.attach(m2, peftlab.get_config(method, apply="activation", scale=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a, b in zip(peftlab.trainable_parameters(m1).values(), peftlab.trainable_parameters(m2).values()):
+            noise = 0.2 * torch.randn(a.shape, generator=g)
+            a.add_(noise)
+            b.add_(noise)
+    y1, y2 = output_tensor(m1(**x)), output_tensor(m2(**x))
+    assert torch.allclose(y1, y2, atol=1e-5)
+    y1.pow(2).mean().backward()
+    y2.pow(2).mean().backward()
+    for (n, a), b in zip(peftlab.trainable_parameters(m1).items(), peftlab.trainable_parameters(m2).values()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), n

@@ -15,9 +15,12 @@ in ⌈log₂ d⌉ levels, stored level 1 first.
   soft-orthogonality regulariser λ Σ ⟨α, β⟩² (Eq. 6) returned by ``training_loss`` so training loops
   add it automatically (the official code lacks it).
 
-Training applies each level to the activations with elementwise ops (x' = a⊙x + b⊙x[p], O(d) per
-token per level, no dense d×d matrix); under autograd the rotation is recomputed in backward
-(activation checkpointing), so only its input is kept. ``merge`` densifies R once: W' = W Rᵀ; the
+Two exact ways to apply it, both with elementwise level ops (v' = a⊙v + b⊙v[p]) and never a dense
+d×d R in training: ``apply="activation"`` rotates each token's input, O(d) per token per level, as the
+issue describes; ``apply="weight"`` (default, "auto") applies the same levels to the rows of W
+(W Rᵀ = W diag(s) P_1ᵀ ⋯ P_Lᵀ, O(d_out·d) per level, independent of the number of tokens) and then
+runs one matmul — measured several times faster on MiniLM (docs/goft.md). Under autograd the level
+ops are recomputed in backward (checkpointing), so only their input is kept. ``merge`` densifies R once: W' = W Rᵀ; the
 original W is kept to unmerge exactly (qGOFT's R may be ill-conditioned).
 """
 
@@ -52,9 +55,9 @@ class GivensRotation(Adapter):
 
     mergeable = True
 
-    def __init__(self, d: int, quasi: bool = False, scale: bool = False, recompute: bool = True):
+    def __init__(self, d: int, quasi: bool = False, scale: bool = False, recompute: bool = True, apply: str = "auto"):
         super().__init__()
-        self.d, self.quasi, self.recompute = d, quasi, recompute
+        self.d, self.quasi, self.recompute, self.apply = d, quasi, recompute, apply
         levels = givens_pairs(d)
         self.n_angles = sum(len(i) for i, _ in levels)
         if quasi:
@@ -81,8 +84,8 @@ class GivensRotation(Adapter):
         c, s = torch.cos(theta), torch.sin(theta)
         return c, -s, s, c
 
-    def level_coefficients(self, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per level, vectors (a, b) with (P_rᵀ x)_k = a_k x_k + b_k x_{partner(k)}."""
+    def level_coefficients(self, dtype, transpose: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per level, vectors (a, b) with (P_rᵀ x)_k = a_k x_k + b_k x_{partner(k)} (P_r x if not transpose)."""
         m00, m01, m10, m11 = self.block_entries()
         out, start = [], 0
         ones, zeros = torch.ones(self.d, device=m00.device), torch.zeros(self.d, device=m00.device)
@@ -90,7 +93,7 @@ class GivensRotation(Adapter):
             sl = slice(start, start + n)
             ij = getattr(self, f"ij{r}")
             a = ones.index_copy(0, ij, torch.cat([m00[sl], m11[sl]]))
-            b = zeros.index_copy(0, ij, torch.cat([m10[sl], m01[sl]]))
+            b = zeros.index_copy(0, ij, torch.cat([m10[sl], m01[sl]] if transpose else [m01[sl], m10[sl]]))
             out.append((a.to(dtype), b.to(dtype)))
             start += n
         return out
@@ -105,7 +108,24 @@ class GivensRotation(Adapter):
             x = x * self.scale.to(x.dtype)
         return x
 
+    def rotate_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """W Rᵀ = W diag(s) P_1ᵀ ⋯ P_Lᵀ, computed on the rows of W (cost independent of the tokens)."""
+        if self.scale is not None:
+            w = w * self.scale.to(w.dtype)
+        for r, (a, b) in enumerate(self.level_coefficients(w.dtype, transpose=False)):
+            w = torch.addcmul(w * a, w.index_select(-1, getattr(self, f"partner{r}")), b)
+        return w
+
     def forward(self, slot, base_fn, x):
+        # "weight": rotate W's rows (O(d_out·d·L), token-independent) then one matmul; only possible when
+        # this adapter sits directly on the base layer. "activation": the paper's per-token level ops.
+        if self.apply != "activation" and base_fn is slot.base:
+            w = slot.weight_oi()
+            if self.recompute and torch.is_grad_enabled():
+                w = checkpoint(self.rotate_weight, w, use_reentrant=False)
+            else:
+                w = self.rotate_weight(w)
+            return nn.functional.linear(x, w, slot.bias)
         if self.recompute and torch.is_grad_enabled():
             x = checkpoint(self.rotate, x, use_reentrant=False)
         else:
@@ -142,7 +162,13 @@ class GOFTConfig(MethodConfig):
     default_roles = ("q", "k", "v", "o", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o", "ffn_gate")
 
     scale: bool = False
-    recompute: bool = True  # recompute the rotation in backward instead of storing per-level activations
+    recompute: bool = True  # recompute the rotation in backward instead of storing per-level intermediates
+    apply: str = "auto"  # "auto"/"weight": rotate W's rows then one matmul; "activation": per-token level ops
+
+    def validate(self) -> None:
+        super().validate()
+        if self.apply not in ("auto", "weight", "activation"):
+            raise ValueError(f"apply must be auto, weight or activation, got {self.apply!r}")
 
     _quasi = False
 
@@ -155,7 +181,7 @@ class GOFTConfig(MethodConfig):
 
     def make_adapter(self, target, shared):
         d_in, _ = linear_dims(target.module)
-        return GivensRotation(d_in, quasi=self._quasi, scale=self.scale, recompute=self.recompute)
+        return GivensRotation(d_in, quasi=self._quasi, scale=self.scale, recompute=self.recompute, apply=self.apply)
 
     def formula_count(self, targets) -> int:
         per = 4 if self._quasi else 1
