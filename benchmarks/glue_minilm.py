@@ -30,7 +30,16 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "dora": ("dora", {"r": 8, "alpha": 8, "targets": ["query", "value"]}, 5e-4),
     "ia3": ("ia3", {}, 3e-3),
     "bitfit": ("bitfit", {}, 1e-3),
+    # GOFT paper Table 5 learning rates and qGOFT lambda per task (METHODS.md §3.3)
+    "goft": ("goft", {}, {"sst2": 8e-4, "cola": 1.6e-3, "rte": 2e-3, "mrpc": 8e-4}),
+    "qgoft": ("qgoft", {"reg_lambda": {"sst2": 0.01, "cola": 0.05, "rte": 0.05, "mrpc": 0.01}},
+              {"sst2": 8e-4, "cola": 8e-4, "rte": 2e-3, "mrpc": 1.2e-3}),
 }
+
+
+def _per_task(v, task):
+    """A value, or a dict task -> value."""
+    return v[task] if isinstance(v, dict) and task in v else v
 TASKS = {"sst2": {"train_limit": 8000}, "mrpc": {}, "rte": {}, "cola": {}}
 
 
@@ -48,6 +57,8 @@ def _peft_build_model(cfg, data):
 
 def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int) -> dict:
     name, args, lr = METHODS[method]
+    lr = _per_task(lr, task)
+    args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
         "model": "minilm", "method": name, "method_args": args,
         "task": {"name": task, **TASKS[task]},
