@@ -31,4 +31,9 @@ CASES: dict[str, Case] = {
     "goft": Case(lambda: peftlab.get_config("goft")),
     "goft_star": Case(lambda: peftlab.get_config("goft", scale=True, targets=["q", "v", "ffn_out"]), real=False),
     "qgoft": Case(lambda: peftlab.get_config("qgoft", reg_lambda=0.01)),
+    "adapter_houlsby": Case(lambda: peftlab.get_config("adapter", bottleneck=4), merge=False),
+    "adapter_pfeiffer": Case(lambda: peftlab.get_config("adapter", placement="pfeiffer", reduction_factor=8,
+                                                        activation="gelu"), merge=False, real=False),
+    "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
+                             families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

@@ -33,6 +33,10 @@ _BERT_LIKE = {
     "attn_block": ("attention",),
     "attn_norm": ("attention.output.LayerNorm",),
     "ffn_norm": ("output.LayerNorm",),
+    # sub-blocks called as f(hidden_states, input_tensor) that add the residual: they see the
+    # sub-layer's input (for parallel adapters)
+    "ffn_residual": ("output",),
+    "attn_residual": ("attention.output",),
 }
 
 FAMILIES: tuple[Family, ...] = (
@@ -66,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
             "ffn_out": ("output.dense", "mlp.fc2"),
             "attn": ("attention.attention", "attention"),
             "ffn": ("mlp",),
+            "ffn_residual": ("output",),
             "attn_norm": ("layernorm_before",),
             "ffn_norm": ("layernorm_after",),
         },

@@ -1,0 +1,124 @@
+"""Serial bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) — METHODS.md §1.3, §5.2.
+
+a(h) = W_up f(W_down h + b_d) + b_u, applied as h ← h + a(h) on the output of a sub-block's output
+projection, i.e. before the residual add (and before the LayerNorm in post-LN models):
+
+- ``placement="houlsby"``: after the attention output projection and after the FFN (and after the
+  cross-attention output projection in encoder-decoders) — two (three) adapters per block;
+- ``placement="pfeiffer"``: after the FFN only.
+
+Attachment is on the projection linears (roles ``o`` / ``cross_o`` / ``ffn_out``). In BERT-style
+blocks the projection's dropout therefore acts on h + a(h) rather than before the adapter as in
+adapter-transformers; identical in evaluation, a negligible difference in training.
+
+Init: ``"zero"`` (default; Kaiming-uniform W_down, zero W_up and biases, an exact zero-start) or
+``"bert"`` (adapter-transformers / the S4 code: N(0, 0.02²) for both weights, zero biases; close to
+but not exactly the base model). Width: ``bottleneck`` m, or d / ``reduction_factor``; per-layer
+overrides in ``layer_bottleneck`` {layer index: m}. Parameters per adapter: 2dm + m + d.
+Not mergeable (the update is non-linear).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import MethodConfig
+from ..registry import register
+from ..slot import Adapter, linear_dims
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+
+
+class Bottleneck(nn.Module):
+    """W_up f(W_down h + b_d) + b_u."""
+
+    def __init__(self, d: int, m: int, activation: str = "relu", init: str = "zero"):
+        super().__init__()
+        self.down = nn.Linear(d, m)
+        self.up = nn.Linear(m, d)
+        self.act = activation
+        if init == "bert":
+            for lin in (self.down, self.up):
+                nn.init.normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
+        else:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(ACTIVATIONS[self.act](self.down(h)))
+
+
+class SerialAdapter(Adapter):
+    def __init__(self, d: int, m: int, activation: str, init: str):
+        super().__init__()
+        self.adapter = Bottleneck(d, m, activation, init)
+
+    def forward(self, slot, base_fn, x):
+        h = base_fn(x)
+        return h + self.adapter(h)
+
+
+def bottleneck_for(cfg, d: int, layer: int | None) -> int:
+    if cfg.layer_bottleneck and layer is not None and str(layer) in cfg.layer_bottleneck:
+        return int(cfg.layer_bottleneck[str(layer)])
+    if cfg.bottleneck is not None:
+        return cfg.bottleneck
+    return max(1, int(d // cfg.reduction_factor))
+
+
+def _check_common(cfg) -> None:
+    if cfg.activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
+    if cfg.bottleneck is not None and cfg.bottleneck < 1:
+        raise ValueError(f"bottleneck must be >= 1, got {cfg.bottleneck}")
+    if cfg.layer_bottleneck:  # JSON turns int keys into strings: normalise
+        cfg.layer_bottleneck = {str(k): int(v) for k, v in cfg.layer_bottleneck.items()}
+        if any(v < 1 for v in cfg.layer_bottleneck.values()):
+            raise ValueError("layer_bottleneck widths must be >= 1")
+
+
+@register
+@dataclass
+class AdapterConfig(MethodConfig):
+    """Serial bottleneck adapter; ``placement`` houlsby (attention + FFN) or pfeiffer (FFN only)."""
+
+    method = "adapter"
+    default_roles = ("o", "cross_o", "ffn_out")
+
+    placement: str = "houlsby"
+    bottleneck: int | None = None
+    reduction_factor: float = 16.0
+    activation: str = "relu"
+    init: str = "zero"
+    layer_bottleneck: dict[str, int] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.placement not in ("houlsby", "pfeiffer"):
+            raise ValueError(f"placement must be houlsby or pfeiffer, got {self.placement!r}")
+        if self.init not in ("zero", "bert"):
+            raise ValueError(f"init must be zero or bert, got {self.init!r}")
+        _check_common(self)
+
+    def default_targets(self, model):
+        return ["ffn_out"] if self.placement == "pfeiffer" else list(self.default_roles)
+
+    def make_adapter(self, target, shared):
+        _, d_out = linear_dims(target.module)
+        return SerialAdapter(d_out, bottleneck_for(self, d_out, target.layer), self.activation, self.init)
+
+    def formula_count(self, targets) -> int:
+        total = 0
+        for t in targets:
+            d = linear_dims(t.module)[1]
+            m = bottleneck_for(self, d, t.layer)
+            total += 2 * d * m + m + d
+        return total
