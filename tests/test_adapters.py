@@ -76,7 +76,7 @@ def test_layer_subset_and_mixing_methods_on_one_model():
 
 
 def test_parallel_adapter_is_parallel_to_the_ffn():
-    m, x = tiny_model("llama"), tiny_inputs("llama")
+    m = tiny_model("llama")
     peftlab.attach(m, peftlab.get_config("parallel_adapter", bottleneck=4, scaling=2.0, layers=[0]))
     slot = m.model.layers[0].mlp
     ad = slot.adapters["default"]
