@@ -34,6 +34,8 @@ CASES: dict[str, Case] = {
     "adapter_houlsby": Case(lambda: peftlab.get_config("adapter", bottleneck=4), merge=False),
     "adapter_pfeiffer": Case(lambda: peftlab.get_config("adapter", placement="pfeiffer", reduction_factor=8,
                                                         activation="gelu"), merge=False, real=False),
+    "pst": Case(lambda: peftlab.get_config("pst", r1=2, r2=2)),
+    "magnitude_prune": Case(lambda: peftlab.get_config("magnitude_prune", r=2), real=False),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

@@ -1,0 +1,121 @@
+"""Export of sparsity-trained models (PST, magnitude pruning): dense HF folder, compact form, report.
+
+- ``export_hf(model, dir)``: W_final = M ⊙ W̃ folded into the weights, the sparsity parameters dropped,
+  written with ``save_pretrained`` (safetensors) so ``from_pretrained`` loads a normal HF model.
+- ``save_compact(model, path)`` / ``load_compact(model, path)``: the sparsified layers only, as a
+  packed bitmask (1 bit per weight) + the non-zero values (fp32, lossless) in one safetensors file;
+  its size shrinks with sparsity (≈ 1/32 + (1 − s) of the dense fp32 size).
+- ``sparsity_report(model)``: per layer, zeros / total of the effective weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .core import slots, state
+from .errors import CorruptAdapterError, PeftlabError
+
+
+def _sparse_slots(model: nn.Module):
+    from .tuners.pst import SparseLinear
+
+    out = []
+    for path, s in slots(model):
+        for n in s.active:
+            if isinstance(s.adapters[n], SparseLinear) and n not in s.merged:
+                out.append((path, s, s.adapters[n]))
+    if not out and not any(isinstance(a, SparseLinear) for _, s in slots(model) for a in s.adapters.values()):
+        raise PeftlabError("the model has no sparsity adapter (pst / magnitude_prune) attached")
+    return out
+
+
+@torch.no_grad()
+def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module path -> M ⊙ W̃ in (out, in) layout."""
+    return {p: ad.masked_weight(s.weight_oi()).detach().to(s.weight_oi().dtype) for p, s, ad in _sparse_slots(model)}
+
+
+def sparsity_report(model: nn.Module) -> dict:
+    layers = {}
+    for p, w in effective_weights(model).items():
+        layers[p] = {"zeros": int((w == 0).sum()), "total": w.numel(), "sparsity": float((w == 0).float().mean())}
+    z, t = sum(v["zeros"] for v in layers.values()), sum(v["total"] for v in layers.values())
+    return {"layers": layers, "zeros": z, "total": t, "sparsity": z / max(t, 1)}
+
+
+def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
+    """A plain HF model directory with the sparse weights folded in (the original model is untouched)."""
+    from .core import unload
+
+    eff = effective_weights(model)
+    clone = copy.deepcopy(model)
+    st = state(clone)
+    for name in list(st.configs):
+        if name not in st.active:
+            from .core import delete
+
+            delete(clone, name)
+    unload(clone, merge=False)
+    with torch.no_grad():
+        for p, w in eff.items():
+            mod = clone.get_submodule(p)
+            target = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+            target.copy_(w)
+    path = Path(path)
+    clone.save_pretrained(path, safe_serialization=True)
+    (path / "sparsity_report.json").write_text(json.dumps(sparsity_report(model), indent=2))
+    return path
+
+
+def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Sparsified layers as packed bitmask + non-zero values (safetensors)."""
+    tensors, meta = {}, {}
+    for p, w in effective_weights(model).items():
+        mask = (w != 0).flatten().numpy()
+        tensors[f"{p}.mask"] = torch.from_numpy(np.packbits(mask))
+        tensors[f"{p}.values"] = w.flatten()[torch.from_numpy(mask)].float().contiguous()
+        meta[p] = list(w.shape)
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": "peftlab-sparse", "shapes": json.dumps(meta)})
+    return path
+
+
+def read_compact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Decode a compact file into dense (out, in) weights."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+        t = load_file(str(path))
+    except Exception as e:
+        raise CorruptAdapterError(f"{path}: not a readable peftlab sparse file ({e})") from None
+    out = {}
+    for p, shape in shapes.items():
+        n = int(np.prod(shape))
+        mask = torch.from_numpy(np.unpackbits(t[f"{p}.mask"].numpy())[:n].astype(bool))
+        w = torch.zeros(n, dtype=torch.float32)
+        w[mask] = t[f"{p}.values"]
+        out[p] = w.view(shape)
+    return out
+
+
+@torch.no_grad()
+def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Write the compact file's weights into a plain (un-adapted) model of the same architecture."""
+    weights = read_compact(path)
+    for p, w in weights.items():
+        mod = model.get_submodule(p)
+        target = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+        if tuple(target.shape) != tuple(w.shape):
+            raise PeftlabError(f"{p}: compact weight {tuple(w.shape)} does not fit {tuple(target.shape)}")
+        target.copy_(w.to(target.dtype))
+    return model
