@@ -41,6 +41,7 @@ def _per_task(v, task):
     """A value, or a dict task -> value."""
     return v[task] if isinstance(v, dict) and task in v else v
 TASKS = {"sst2": {"train_limit": 8000}, "mrpc": {}, "rte": {}, "cola": {}}
+_BUILD_MODEL = loop.build_model  # the original, before run_one patches it for peft-* methods
 
 
 def _peft_build_model(cfg, data):
@@ -48,7 +49,7 @@ def _peft_build_model(cfg, data):
     import peft
 
     method, cfg.method = cfg.method, "full"
-    model, tok = loop.build_model(cfg, data)
+    model, tok = _BUILD_MODEL(cfg, data)
     cfg.method = method
     a = cfg.method_args
     pcfg = peft.LoraConfig(r=a["r"], lora_alpha=a["alpha"], target_modules=a["targets"], task_type="SEQ_CLS")
@@ -116,10 +117,21 @@ def main(argv=None) -> int:
     res_path = Path(args.results)
     res_path.parent.mkdir(parents=True, exist_ok=True)
     jl = res_path.with_suffix(".jsonl")
+    done = set()
+    if jl.is_file():  # resume an interrupted sweep: skip (method, task, seed, epochs) already measured
+        for x in jl.read_text().splitlines():
+            if x.strip():
+                r = json.loads(x)
+                done.add((r["bench_method"], r["task"], r["seed"], r["epochs"]))
     for task in args.tasks:
         for m in args.methods:
             if m not in METHODS:
                 ap.error(f"unknown method {m}; known {list(METHODS)}")
+            if (m, task, args.seed, args.epochs) in done:
+                continue
+            import shutil
+
+            shutil.rmtree(Path(args.out) / f"{task}-{m}-s{args.seed}", ignore_errors=True)
             r = run_one(m, task, args.epochs, Path(args.out), args.seed)
             with open(jl, "a") as f:
                 f.write(json.dumps(r) + "\n")
