@@ -35,6 +35,11 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "qgoft": ("qgoft", {"reg_lambda": {"sst2": 0.01, "cola": 0.05, "rte": 0.05, "mrpc": 0.01}},
               {"sst2": 8e-4, "cola": 8e-4, "rte": 2e-3, "mrpc": 1.2e-3}),
 }
+# PST vs magnitude pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs), METHODS.md §4
+for _s in (50, 70, 90):
+    METHODS[f"pst-{_s}"] = ("pst", {"final_sparsity": _s / 100}, 5e-4)
+    METHODS[f"mag-lora-{_s}"] = ("magnitude_prune", {"final_sparsity": _s / 100, "update": "lora"}, 5e-4)
+    METHODS[f"mag-full-{_s}"] = ("magnitude_prune", {"final_sparsity": _s / 100, "update": "full"}, 5e-5)
 
 
 def _per_task(v, task):
