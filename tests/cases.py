@@ -19,6 +19,7 @@ class Case:
     merge: bool = True
     families: tuple[str, ...] | None = None
     zero_start_tol: float | None = 1e-5
+    min_cosine: float | None = 0.9  # when zero_start_tol is None: the bound (None: no start property)
     real: bool = True  # also run on the packaged MiniLM / SmolLM2
 
 
@@ -36,6 +37,10 @@ CASES: dict[str, Case] = {
                                                         activation="gelu"), merge=False, real=False),
     "pst": Case(lambda: peftlab.get_config("pst", r1=2, r2=2)),
     "magnitude_prune": Case(lambda: peftlab.get_config("magnitude_prune", r=2), real=False),
+    "prefix": Case(lambda: peftlab.get_config("prefix", num_virtual_tokens=3, encoder_hidden=16), merge=False,
+                   zero_start_tol=None, min_cosine=None, families=("bert", "roberta", "gpt2", "llama", "opt", "bart")),
+    "prefix_flat": Case(lambda: peftlab.get_config("prefix", num_virtual_tokens=2, reparameterize=False, layers=[1, 2]),
+                        merge=False, zero_start_tol=None, min_cosine=None, families=("bert", "llama", "bart"), real=False),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

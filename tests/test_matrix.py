@@ -53,7 +53,9 @@ def test_zero_start(method, family):
     if tol is None:
         cos = torch.nn.functional.cosine_similarity(y.flatten(), base.flatten(), dim=0).item()
         print(f"{method}/{family}: cosine similarity to the base model at init {cos:.5f}")
-        assert cos > 0.9
+        if CASES[method].min_cosine is None:
+            pytest.skip(f"{method} has no identity start by design (cosine {cos:.3f})")
+        assert cos > CASES[method].min_cosine
     else:
         assert (y - base).abs().max().item() <= tol
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, PeftlabError
-from .slot import Slot
+from .slot import Slot, parent_of, resolve, walk
 from .targets import select
 
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -47,7 +47,7 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 def slots(model: nn.Module) -> list[tuple[str, Slot]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, Slot)]
+    return [(n, m) for n, m in walk(model) if isinstance(m, Slot)]
 
 
 def shared_modules(model: nn.Module) -> nn.ModuleDict:
@@ -62,31 +62,24 @@ def shared_key(name: str, part: int) -> str:
     return f"{name}__{part}"
 
 
-def _split(name: str) -> tuple[str, str]:
-    return (name.rsplit(".", 1)[0], name.rsplit(".", 1)[1]) if "." in name else ("", name)
-
-
 def _ensure_slot(model: nn.Module, name: str) -> Slot:
-    mod = model.get_submodule(name)
+    mod = resolve(model, name)
     if isinstance(mod, Slot):
         return mod
-    parent_name, child = _split(name)
-    parent = model.get_submodule(parent_name) if parent_name else model
+    parent, child = parent_of(model, name)
     slot = Slot(mod)
     setattr(parent, child, slot)
     return slot
 
 
 def _unwrap(model: nn.Module, name: str) -> None:
-    slot = model.get_submodule(name)
-    parent_name, child = _split(name)
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, slot.base)
+    parent, child = parent_of(model, name)
+    setattr(parent, child, parent._modules[child].base)
 
 
 def head_modules(model: nn.Module, config: MethodConfig) -> list[str]:
     """Module names made trainable and saved with the adapter (the task head by default)."""
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in walk(model) if n]
     if config.modules_to_save is not None:
         out = [n for n in names if any(n == s or n.endswith("." + s) for s in config.modules_to_save)]
         missing = [s for s in config.modules_to_save if not any(n == s or n.endswith("." + s) for n in names)]
@@ -116,7 +109,7 @@ def _update_trainable(model: nn.Module) -> None:
         for p in _adapter_params(model, n):
             p.requires_grad_(True)
         for h in st.heads.get(n, []):
-            for p in model.get_submodule(h).parameters():
+            for p in resolve(model, h).parameters():
                 p.requires_grad_(True)
 
 
@@ -162,7 +155,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
 
 def _remove_from_slots(model, name, names) -> None:
     for n in dict.fromkeys(names):
-        slot = model.get_submodule(n)
+        slot = resolve(model, n)
         if isinstance(slot, Slot) and name in slot.adapters:
             slot.remove(name)
             if not slot.adapters:

@@ -1,12 +1,18 @@
 """The demo's own small labelled dataset: templated movie-review sentiment, generated deterministically.
 
-Shipped with the package (no download, nothing from ../shared): a few hundred sentences built from
-fixed word lists with a fixed seed, split into train and dev with disjoint templates' subjects.
+Shipped with the package as ``peftlab/data/demo_sentiment_{train,dev}.jsonl`` (no download, nothing
+from ../shared): a few hundred sentences built from fixed word lists with a fixed seed, split into
+train and dev with disjoint subjects. Regenerate the files with ``python -m peftlab.demo_data``.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+LABELS = ["negative", "positive"]
 
 POS = ["wonderful", "delightful", "brilliant", "moving", "charming", "superb", "gripping", "heartfelt", "funny",
        "beautiful", "clever", "touching", "excellent", "memorable", "joyful"]
@@ -43,3 +49,30 @@ def demo_examples(seed: int = 0) -> tuple[list, list]:
     """(train, dev): 400 training and 160 dev sentences; dev uses subjects unseen in training."""
     rng = random.Random(seed)
     return _make(rng, SUBJECTS[:8], 400), _make(rng, SUBJECTS[8:], 160)
+
+
+def shipped_files() -> dict[str, Path]:
+    return {split: DATA_DIR / f"demo_sentiment_{split}.jsonl" for split in ("train", "dev")}
+
+
+def write(seed: int = 0) -> dict[str, Path]:
+    """Write the generated dataset as JSONL (``{"text", "label"}``, label a string) into the package."""
+    files = shipped_files()
+    DATA_DIR.mkdir(exist_ok=True)
+    for path, examples in zip(files.values(), demo_examples(seed)):
+        path.write_text("".join(json.dumps({"text": e.texts[0], "label": LABELS[e.label]}) + "\n" for e in examples))
+    return files
+
+
+def load_shipped() -> tuple[list, list]:
+    """(train, dev) read from the package's JSONL files."""
+    from .train.tasks import read_table
+
+    files = shipped_files()
+    label_map = {lab: i for i, lab in enumerate(LABELS)}
+    return tuple(read_table(files[s], ["text"], "label", label_map) for s in ("train", "dev"))
+
+
+if __name__ == "__main__":
+    for p in write().values():
+        print(p)

@@ -203,7 +203,9 @@ def find_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     ``layer``/``layers``/``h``/``block``/``blocks`` is taken as the stack.
     """
     fam = family_of(model)
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    from .slot import walk
+
+    lists = [(n, m) for n, m in walk(model) if isinstance(m, nn.ModuleList)]
     stacks: list[tuple[str, nn.ModuleList]] = []
     if fam is not None:
         for suffix in fam.stacks:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .core import _adapter_params, has_adapters, state
+from .slot import resolve
 
 
 @dataclass
@@ -76,7 +77,7 @@ def report(model: nn.Module) -> Report:
             ps = list({id(p): p for p in _adapter_params(model, name)}.values())
             n = sum(p.numel() for p in ps)
             adapter_total += n
-            head = sum(p.numel() for h in st.heads.get(name, []) for p in model.get_submodule(h).parameters())
+            head = sum(p.numel() for h in st.heads.get(name, []) for p in resolve(model, h).parameters())
             formula = None
             try:
                 counts = [part.formula_count(select(model, part)) for part in cfg.parts()]

@@ -164,3 +164,37 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 def base_linear(slot: Slot, x: torch.Tensor) -> torch.Tensor:
     """y = W x + b for the slot's own (possibly modified) weight; used by weight-rewriting methods."""
     return nn.functional.linear(x, slot.weight_oi(), slot.bias)
+
+
+# ---------------------------------------------------------------- logical module names
+# A slot keeps its base as ``slot.base``; peftlab names modules *logically*, as if slots were not there
+# (``layers.0.self_attn.q_proj`` even when ``self_attn`` is wrapped), so selections, saved adapters
+# and fingerprints do not depend on which modules happen to be wrapped.
+def walk(module: nn.Module, prefix: str = ""):
+    """Yield (logical name, module) for every module, skipping slots' adapters."""
+    yield prefix, module
+    children = module.base._modules if isinstance(module, Slot) else module._modules
+    for name, child in children.items():
+        if child is not None:
+            yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+
+def resolve(model: nn.Module, name: str) -> nn.Module:
+    """The module at a logical (or real) name; raises AttributeError naming the missing part."""
+    mod = model
+    for atom in name.split(".") if name else []:
+        while atom not in mod._modules and isinstance(mod, Slot):
+            mod = mod._modules["base"]
+        if atom not in mod._modules or mod._modules[atom] is None:
+            raise AttributeError(f"{type(model).__name__} has no module {name!r}")
+        mod = mod._modules[atom]
+    return mod
+
+
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(module that holds ``name`` as a direct child, child attribute name)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = resolve(model, parent_name)
+    while child not in parent._modules and isinstance(parent, Slot):
+        parent = parent._modules["base"]
+    return parent, child

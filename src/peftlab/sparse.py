@@ -22,6 +22,7 @@ from torch import nn
 
 from .core import slots, state
 from .errors import CorruptAdapterError, PeftlabError
+from .slot import resolve
 
 
 def _sparse_slots(model: nn.Module):
@@ -66,7 +67,7 @@ def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
     unload(clone, merge=False)
     with torch.no_grad():
         for p, w in eff.items():
-            mod = clone.get_submodule(p)
+            mod = resolve(clone, p)
             target = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
             target.copy_(w)
     path = Path(path)
@@ -113,7 +114,7 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Write the compact file's weights into a plain (un-adapted) model of the same architecture."""
     weights = read_compact(path)
     for p, w in weights.items():
-        mod = model.get_submodule(p)
+        mod = resolve(model, p)
         target = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
         if tuple(target.shape) != tuple(w.shape):
             raise PeftlabError(f"{p}: compact weight {tuple(w.shape)} does not fit {tuple(target.shape)}")

@@ -24,6 +24,7 @@ from . import __version__
 from .core import attach, delete, get_adapter_config, shared_key, slots, state
 from .errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError
 from .registry import config_class
+from .slot import resolve
 
 CONFIG_NAME = "peftlab_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -48,7 +49,7 @@ def fingerprint(model: nn.Module, targets: list[str]) -> dict:
     cfg = getattr(model, "config", None)
     shapes = {}
     for t in targets:
-        m = model.get_submodule(t)
+        m = resolve(model, t)
         shapes[t] = _shape_of(getattr(m, "base", m))
     return {
         "model_type": getattr(cfg, "model_type", None),
@@ -74,7 +75,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             for k, v in sh[key].state_dict().items():
                 out[f"shared::{i}::{k}"] = v
     for h in st.heads.get(name, []):
-        for k, v in model.get_submodule(h).state_dict().items():
+        for k, v in resolve(model, h).state_dict().items():
             out[f"head::{h}.{k}"] = v
     return out
 
@@ -154,7 +155,7 @@ def check_fingerprint(model: nn.Module, meta: dict) -> None:
         problems.append(f"adapter was trained on model_type={fp.get('model_type')!r}, this model is {mt!r}")
     for t, shape in fp.get("shapes", {}).items():
         try:
-            m = model.get_submodule(t)
+            m = resolve(model, t)
         except AttributeError:
             problems.append(f"module {t} does not exist in this model")
             continue

@@ -57,21 +57,14 @@ def _roles_of(fam: Family | None, rel: str) -> list[str]:
 
 def iter_candidates(model: nn.Module):
     """Yield a Target for every module of the model (skipping peftlab's own modules)."""
-    from .slot import Slot
+    from .slot import Slot, walk
 
     fam = family_of(model)
     blocks = _block_index(model)
-    skip: list[str] = []
-    for name, mod in model.named_modules():
-        if any(name.startswith(s) for s in skip):
+    for name, mod in walk(model):
+        if name.startswith("peftlab_") or ".peftlab_" in name:
             continue
-        if isinstance(mod, Slot):
-            skip.append(name + ".")  # inside a slot: the base and the adapters
-            base = mod.base
-        elif name.startswith("peftlab_") or ".peftlab_" in name:
-            continue
-        else:
-            base = mod
+        base = mod.base if isinstance(mod, Slot) else mod
         layer, rel = None, None
         for prefix, i in blocks:
             if name.startswith(prefix):

@@ -27,6 +27,8 @@ from ..errors import (
     UnknownMethodError,
 )
 from ..registry import _REGISTRY, _ensure_loaded
+from ..slot import resolve as resolve_module
+from ..slot import walk
 from ..targets import iter_candidates
 
 PREFIX = "base_model.model."
@@ -76,7 +78,7 @@ def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         for k, v in ad.to_peft_tensors().items():
             out[f"{PREFIX}{path}.{k}"] = v.detach()
     for h in state(model).heads.get(name, []):
-        for k, v in model.get_submodule(h).state_dict().items():
+        for k, v in resolve_module(model, h).state_dict().items():
             out[f"{PREFIX}{h}.{k}"] = v.detach()
     return out
 
@@ -165,7 +167,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     targets = resolve(d.get("target_modules") or [])
     if not targets:
         raise IncompatibleAdapterError(f"{path}: target_modules {d.get('target_modules')!r} match no linear module of this model")
-    all_names = {n for n, _ in model.named_modules()}
+    all_names = {n for n, _ in walk(model)}
     mts = [m for m in (d.get("modules_to_save") or []) if m in all_names or any(n.endswith("." + m) for n in all_names)]
     config = cls.from_dict({**fields, "targets": targets, "modules_to_save": mts})
     attach(model, config, name)
@@ -186,7 +188,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
                     own[k].copy_(v)
             msd = model.state_dict()
             for h in state(model).heads.get(name, []):
-                for k in model.get_submodule(h).state_dict():
+                for k in resolve_module(model, h).state_dict():
                     key = f"{PREFIX}{h}.{k}"
                     if key in tensors:
                         if msd[f"{h}.{k}"].shape != tensors[key].shape:
@@ -197,7 +199,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
             raise IncompatibleAdapterError(f"{path}: tensors for modules this model lacks: {extra[:5]}")
         with torch.no_grad():
             for h in state(model).heads.get(name, []):
-                for k in model.get_submodule(h).state_dict():
+                for k in resolve_module(model, h).state_dict():
                     key = f"{PREFIX}{h}.{k}"
                     if key in tensors:
                         msd[f"{h}.{k}"].copy_(tensors[key])

@@ -52,6 +52,8 @@ def save(run_dir: Path, params: dict[str, torch.Tensor], opt, loop_state: dict) 
     ot, osc = _flatten_optimizer(opt)
     tensors.update(ot)
     tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"loop": loop_state, "optimizer": osc}))
     with open(tmp / "state.json") as f:
@@ -80,4 +82,7 @@ def load(ckpt: Path, params: dict[str, torch.Tensor], opt) -> dict:
             p.copy_(tensors[f"param.{k}"])
     _unflatten_optimizer(opt, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     return meta["loop"]

@@ -50,15 +50,15 @@ def load_task(cfg: RunConfig) -> TaskData:
     t = cfg.task
     name = T.GLUE_ALIASES.get(t.name.lower(), t.name.lower())
     if name == "demo":
-        from ..demo_data import demo_examples
+        from ..demo_data import LABELS, load_shipped
 
-        train, dev = demo_examples()
-        data = TaskData("classification", train, {"dev": dev}, ("accuracy",), 2, ["negative", "positive"])
+        train, dev = load_shipped()
+        data = TaskData("classification", train, {"dev": dev}, ("accuracy",), 2, list(LABELS))
     elif name in T.GLUE:
         spec = T.GLUE[name]
-        if t.from_hub:  # pragma: no cover - network
+        if t.from_hub:
             train = T.glue_from_hub(name, "train")
-            devs = {"dev": T.glue_from_hub(name, "validation_matched" if name == "mnli" else "validation")}
+            devs = {k: T.glue_from_hub(name, v) for k, v in T.HUB_DEV.get(name, {"dev": "validation"}).items()}
         else:
             root = _root(cfg, "glue")
             train = T.read_glue(name, root, "train")

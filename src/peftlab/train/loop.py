@@ -92,6 +92,7 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
     model.eval()
     out: dict[str, float] = {}
     bs = cfg.train.eval_batch_size
+    dev = next(model.parameters()).device
     for di, (dname, examples) in enumerate(data.dev.items()):
         prefix = "" if di == 0 else f"{dname}_"
         if data.kind == "choice":
@@ -99,9 +100,9 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
             best: dict[int, tuple[float, int]] = {}
             for i in range(0, len(items), bs):
                 chunk = items[i : i + bs]
-                b = collate(chunk, tok.pad_token_id)
+                b = {k: v.to(dev) for k, v in collate(chunk, tok.pad_token_id).items()}
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                sc = choice_scores(logits, b["labels"], cfg.task.length_normalize)
+                sc = choice_scores(logits, b["labels"], cfg.task.length_normalize).cpu()
                 for it, s in zip(chunk, sc.tolist()):
                     if it["q"] not in best or s > best[it["q"]][0]:
                         best[it["q"]] = (s, it["c"])
@@ -113,7 +114,7 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
             for i in range(0, len(items), bs):
                 b = collate(items[i : i + bs], tok.pad_token_id, data.kind == "regression")
                 labels += b.pop("labels").tolist()
-                logits = model(**b).logits
+                logits = model(**{k: v.to(dev) for k, v in b.items()}).logits.float().cpu()
                 preds += (logits.squeeze(-1) if data.kind == "regression" else logits.argmax(-1)).tolist()
         out.update({prefix + k: v for k, v in compute(data.metrics, preds, labels).items()})
     model.train()
@@ -176,6 +177,7 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
     if acc:
         model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model) if acc else model
+    device = acc.device if acc else torch.device("cpu")
     regression = data.kind == "regression"
 
     def micro_batch(k: int) -> dict:
@@ -183,7 +185,7 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
         perm = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(t.seed * 1000 + epoch))
         idx = perm[j * gbs : (j + 1) * gbs].tolist()
         mine = idx[rank * t.batch_size : (rank + 1) * t.batch_size] if world > 1 else idx
-        return collate([train_items[i] for i in mine], tok.pad_token_id, regression)
+        return {k: v.to(device) for k, v in collate([train_items[i] for i in mine], tok.pad_token_id, regression).items()}
 
     bar = None
     if main and t.progress:
@@ -238,7 +240,9 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
                 score = metrics.get(metric)
                 if score is None:
                     raise PeftlabError(f"train.metric {metric!r} is not one of the task's metrics {sorted(metrics)}")
-                if peftlab.checkpoint_eligible(raw, step, total) and (state["best"] is None or score > state["best"]):
+                if not peftlab.checkpoint_eligible(raw, step, total):
+                    pass  # e.g. PST before its sparsity schedule ends: neither best nor counted for patience
+                elif state["best"] is None or score > state["best"]:
                     state.update(best=score, best_step=step, bad_evals=0, best_metrics=metrics)
                     _save_best(raw, out / "best", cfg)
                 else:
@@ -249,9 +253,15 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
             checkpoint.save(out, {n: p for n, p in raw.named_parameters() if p.requires_grad}, opt, state)
         if acc and save_now:
             acc.wait_for_everyone()
-        if t.patience is not None and state["bad_evals"] >= t.patience:
-            stopped_early = True
-            break
+        if t.patience is not None and step in eval_steps:
+            stop = state["bad_evals"] >= t.patience
+            if acc and world > 1:  # only the main process evaluates: every process must agree to stop
+                from accelerate.utils import broadcast
+
+                stop = bool(broadcast(torch.tensor([int(stop)], device=device), from_process=0).item())
+            if stop:
+                stopped_early = True
+                break
     if bar is not None:
         bar.close()
     train_time = time.perf_counter() - t0

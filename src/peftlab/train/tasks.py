@@ -57,7 +57,6 @@ GLUE: dict[str, GlueSpec] = {
     "wnli": GlueSpec("WNLI", ("sentence1", "sentence2"), "label", None, ("accuracy",)),
 }
 GLUE_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "qnli": "qnli"}
-HUB_NAMES = {"stsb": "stsb", "sst2": "sst2"}
 
 
 def glue_num_labels(task: str) -> int:
@@ -112,14 +111,34 @@ def read_glue(task: str, path: Path, split: str) -> list[Example]:
     return out
 
 
-def glue_from_hub(task: str, split: str) -> list[Example]:  # pragma: no cover - needs the network
-    """Load a GLUE split from the Hugging Face hub via ``datasets`` (online only)."""
-    import datasets
+HUB_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
+               "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"), "mnli": ("premise", "hypothesis"),
+               "qnli": ("question", "sentence"), "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2")}
+HUB_DEV = {"mnli": {"dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"}}
 
+
+def glue_from_hub(task: str, split: str) -> list[Example]:
+    """A GLUE split from the Hugging Face hub (``nyu-mll/glue``) via ``datasets``; needs the network.
+
+    Hub label ids are mapped to this module's label order by name (the hub's MNLI order differs),
+    and unlabelled rows (test splits, label -1) are dropped.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise PeftlabError("task.from_hub needs the `datasets` package (pip install datasets)") from None
     spec = GLUE[task]
-    ds = datasets.load_dataset("glue", HUB_NAMES.get(task, task), split=split)
-    keys = [k for k in ds.column_names if k not in ("label", "idx")]
-    return [Example(tuple(row[k] for k in keys), row["label"]) for row in ds if spec and row["label"] != -1]
+    ds = datasets.load_dataset("nyu-mll/glue", task, split=split)
+    names = getattr(ds.features["label"], "names", None)
+    out = []
+    for row in ds:
+        y = row["label"]
+        if y == -1:
+            continue
+        if spec.labels and names:
+            y = spec.labels.index(names[y])
+        out.append(Example(tuple(row[k] for k in HUB_COLUMNS[task]), float(y) if task == "stsb" else int(y)))
+    return out
 
 
 def read_table(path: Path, text_columns: list[str], label_column: str, label_map: dict | None = None) -> list[Example]:

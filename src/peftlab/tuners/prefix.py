@@ -1,0 +1,214 @@
+"""Prefix tuning (Li & Liang 2021) — METHODS.md §1.3, §5.2.
+
+Each targeted self-attention module gets learned key/value prefixes P_K, P_V ∈ R^{l×d_kv}, prepended
+to its keys and values: head_i = softmax(q_i [P_K^i; K_i]ᵀ/√d_h + [0; mask]) [P_V^i; V_i] — the mask
+gains l always-visible columns. Reparameterisation (default, [C]): a learned E ∈ R^{l×d} →
+Linear(d, 512) → tanh → Linear(512, 2·d_kv) per layer (one shared MLP emits all targeted layers'
+prefixes); ``reparameterize=False`` trains the prefixes directly ("flat"); ``materialize(model)``
+replaces the MLP by the prefixes it produces.
+
+Mechanism: a slot on each attention module hands it a cache *view* whose ``update()`` returns
+[prefix; keys] (wrapping the model's real cache during generation, so the cache itself only holds
+real tokens), and left-pads the attention mask (an explicit causal mask is built when the model
+relies on ``is_causal``). Hence per-layer lengths, layer subsets and several prefix parts on one
+model are natural. Deviation from Hugging Face peft (documented): peft feeds the prefix as
+``past_key_values``, which *shifts the positions* of real tokens by l; here positions are unchanged,
+so outputs differ from peft's on position-aware models. Supported: BERT/RoBERTa, GPT-2, LLaMA, OPT,
+BART (encoder and decoder self-attention). Cross-attention, T5 (shared relative position bias),
+DeBERTa-v2 and ViT attention do not use cache updates and are refused at attach time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..errors import UnsupportedArchitectureError
+from ..families import family_of
+from ..registry import register
+from ..slot import Adapter
+
+SUPPORTED = ("bert", "gpt2", "llama", "opt", "bart")
+
+
+def kv_geometry(attn: nn.Module, config) -> tuple[int, int]:
+    """(number of key/value heads, head dim) of an attention module."""
+    head_dim = getattr(attn, "head_dim", None) or getattr(attn, "attention_head_size", None)
+    heads = (getattr(config, "num_key_value_heads", None) or getattr(attn, "num_heads", None)
+             or getattr(attn, "num_attention_heads", None) or getattr(config, "num_attention_heads", None))
+    if hasattr(attn, "k_proj"):
+        out = attn.k_proj.weight.shape[0]
+        heads = out // head_dim
+    return int(heads), int(head_dim)
+
+
+class PrefixCacheView:
+    """Looks like a transformers Cache to one attention layer: update() prepends the prefix."""
+
+    def __init__(self, inner, pk: torch.Tensor, pv: torch.Tensor):
+        self.inner, self.pk, self.pv = inner, pk, pv
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.inner is not None:
+            key, value = self.inner.update(key, value, layer_idx, *args, **kwargs)
+        b = key.shape[0]
+        pk = self.pk.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        pv = self.pv.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def _extend_mask(mask, l: int, q_len: int, past: int, causal: bool, device):
+    if mask is None:
+        if not causal or q_len == 1:
+            return None
+        k_len = past + q_len
+        real = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=past)
+        return torch.cat([torch.ones(q_len, l, dtype=torch.bool, device=device), real], dim=1)[None, None]
+    pad_shape = (*mask.shape[:-1], l)
+    fill = torch.ones(pad_shape, dtype=torch.bool, device=mask.device) if mask.dtype == torch.bool else \
+        torch.zeros(pad_shape, dtype=mask.dtype, device=mask.device)
+    return torch.cat([fill, mask], dim=-1)
+
+
+class PrefixAttention(Adapter):
+    """Slot adapter on one attention module; the prefixes come from the shared PrefixEncoder."""
+
+    def __init__(self, encoder: nn.Module, key: str, causal: bool, signature: inspect.Signature):
+        super().__init__()
+        self._encoder = [encoder]  # shared module, not registered twice
+        self.key, self.causal, self.signature = key, causal, signature
+
+    def forward(self, slot, base_fn, *args, **kwargs):
+        bound = self.signature.bind(*args, **kwargs)
+        a = bound.arguments
+        extra = a.pop("kwargs", {}) if "kwargs" in a else {}
+        hs = a.get("hidden_states")
+        pk, pv = self._encoder[0].prefix(self.key)
+        inner = a.get("past_key_values")
+        if inner is not None and type(inner).__name__ == "EncoderDecoderCache":
+            inner = inner.self_attention_cache
+        past = inner.get_seq_length(getattr(slot.base, "layer_idx", 0) or 0) if inner is not None else 0
+        a["past_key_values"] = PrefixCacheView(inner, pk, pv)
+        a["attention_mask"] = _extend_mask(a.get("attention_mask"), pk.shape[1], hs.shape[1], past, self.causal, hs.device)
+        return base_fn(**a, **extra)
+
+
+class PrefixEncoder(nn.Module):
+    """Produces every targeted layer's (P_K, P_V), reparameterised by an MLP or stored flat."""
+
+    def __init__(self, layers: dict[str, tuple[int, int, int]], d_model: int, reparameterize: bool, hidden: int):
+        super().__init__()
+        self.shapes = layers  # key -> (length, heads, head_dim)
+        self.reparameterize = reparameterize
+        if reparameterize:
+            lmax = max(s[0] for s in layers.values())
+            self.embedding = nn.Parameter(torch.randn(lmax, d_model) * 0.02)
+            self.mlp_in = nn.Linear(d_model, hidden)
+            self.heads = nn.ModuleDict({k: nn.Linear(hidden, 2 * h * hd) for k, (_, h, hd) in layers.items()})
+        else:
+            self.prefixes = nn.ParameterDict({k: nn.Parameter(torch.randn(2, h, n, hd) * 0.02) for k, (n, h, hd) in layers.items()})
+
+    def prefix(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n, h, hd = self.shapes[key]
+        if self.reparameterize:
+            z = torch.tanh(self.mlp_in(self.embedding[:n]))
+            kv = self.heads[key](z).view(n, 2, h, hd).permute(1, 2, 0, 3)
+            return kv[0], kv[1]
+        p = self.prefixes[key]
+        return p[0], p[1]
+
+    @torch.no_grad()
+    def materialized(self) -> PrefixEncoder:
+        flat = PrefixEncoder(self.shapes, 1, reparameterize=False, hidden=1)
+        for k in self.shapes:
+            pk, pv = self.prefix(k)
+            flat.prefixes[k].copy_(torch.stack([pk, pv]))
+        return flat
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "-")
+
+
+@register
+@dataclass
+class PrefixConfig(MethodConfig):
+    """Prefix tuning: learned key/value prefixes at each targeted self-attention (``layer_lengths`` per layer)."""
+
+    method = "prefix"
+    default_roles = ("attn",)
+    accepts = ("module",)
+
+    num_virtual_tokens: int = 30
+    reparameterize: bool = True
+    encoder_hidden: int = 512
+    layer_lengths: dict[str, int] | None = None  # {layer index: prefix length} overrides
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_virtual_tokens < 1:
+            raise ValueError("num_virtual_tokens must be >= 1")
+        if self.layer_lengths:
+            self.layer_lengths = {str(k): int(v) for k, v in self.layer_lengths.items()}
+
+    def check_model(self, model) -> None:
+        fam = family_of(model)
+        if fam is None or fam.name not in SUPPORTED:
+            raise UnsupportedArchitectureError(
+                f"prefix tuning is not supported on {getattr(model.config, 'model_type', '?')}: supported families "
+                f"{SUPPORTED} (T5 shares one relative position bias across layers; DeBERTa-v2 and ViT attention do "
+                f"not take a key/value cache)")
+        if self.targets and any(t.startswith("cross") for t in self.targets):
+            raise UnsupportedArchitectureError("prefix tuning of cross-attention is not supported")
+
+    def _length(self, layer) -> int:
+        if self.layer_lengths and layer is not None and str(layer) in self.layer_lengths:
+            return self.layer_lengths[str(layer)]
+        return self.num_virtual_tokens
+
+    def build_shared(self, model):
+        from ..targets import select
+
+        shapes = {}
+        for t in select(model, self):
+            h, hd = kv_geometry(t.module, model.config)
+            shapes[_key(t.name)] = (self._length(t.layer), h, hd)
+        d = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None) or model.config.n_embd
+        return PrefixEncoder(shapes, d, self.reparameterize, self.encoder_hidden)
+
+    def make_adapter(self, target, shared):
+        sig = inspect.signature(target.module.forward)
+        return PrefixAttention(shared, _key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
+
+    def formula_count(self, targets) -> int | None:
+        if self.reparameterize:
+            return None  # the MLP's size depends on the model width; materialised size is 2·l·d_kv per layer
+        return None
+
+
+def materialize(model: nn.Module, name: str = "default") -> None:
+    """Replace the reparameterisation MLP of adapter ``name`` by the prefixes it produces."""
+    from ..core import _SHARED_ATTR, slots, state
+
+    sh = model._modules[_SHARED_ATTR]
+    for k in [k for k in sh if k.rsplit("__", 1)[0] == name]:
+        flat = sh[k].materialized()
+        sh[k] = flat
+        for _, s in slots(model):
+            ad = s.adapters[name] if name in s.adapters else None
+            if isinstance(ad, PrefixAttention) and ad.key in flat.shapes:
+                ad._encoder = [flat]
+    cfg = state(model).configs[name]
+    for part in cfg.parts():
+        if isinstance(part, PrefixConfig):
+            part.reparameterize = False
+    from ..core import _update_trainable
+
+    _update_trainable(model)
