@@ -41,6 +41,8 @@ CASES: dict[str, Case] = {
                    zero_start_tol=None, min_cosine=None, families=("bert", "roberta", "gpt2", "llama", "opt", "bart")),
     "prefix_flat": Case(lambda: peftlab.get_config("prefix", num_virtual_tokens=2, reparameterize=False, layers=[1, 2]),
                         merge=False, zero_start_tol=None, min_cosine=None, families=("bert", "llama", "bart"), real=False),
+    "prompt": Case(lambda: peftlab.get_config("prompt", num_virtual_tokens=3), merge=False, zero_start_tol=None,
+                   min_cosine=None, families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "opt", "bart", "t5")),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

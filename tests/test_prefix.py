@@ -93,6 +93,11 @@ def test_generate_with_cache_matches_stepwise_no_cache(family):
                 seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
             ref = seq
     assert torch.equal(gen[:, -5:], ref[:, -5:])
+    kw = {"decoder_input_ids": ref[:, :3]} if family == "bart" else {}
+    with torch.no_grad():  # and the prefix is really used
+        y = m(input_ids=ids, use_cache=False, **kw).logits
+        with peftlab.disabled(m):
+            assert not torch.allclose(m(input_ids=ids, use_cache=False, **kw).logits, y)
 
 
 def test_parts_with_disjoint_layers_and_different_lengths_coexist():

@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands  # noqa: F401  (registers train/eval/predict/explore when present)
     except ImportError:
         pass
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # positionals after an option (predict RUN --labels a,b "text" ...) belong to the last nargs="*"
+        if any(x.startswith("-") for x in extra) or not isinstance(getattr(args, "texts", None), list):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.texts += extra
     return int(args.func(args) or 0)
 
 

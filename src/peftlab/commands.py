@@ -51,11 +51,27 @@ def _load_run(run_dir: Path, overrides: list[str]):
     return model.eval(), tok, data, cfg
 
 
+def _load_untrained(config: Path, overrides: list[str]):
+    """Model (method attached, untrained) + tokenizer + task data of a YAML config: a zero-shot baseline."""
+    from .train.config import load_config
+    from .train.data import load_task
+    from .train.loop import build_model
+
+    cfg = load_config(config, overrides)
+    data = load_task(cfg)
+    model, tok = build_model(cfg, data)
+    return model.eval(), tok, data, cfg
+
+
 def _eval(args) -> int:
     from .train.loop import evaluate
 
+    src = Path(args.run_dir)
     try:
-        model, tok, data, cfg = _load_run(Path(args.run_dir), args.overrides)
+        if src.is_file():  # a YAML config: evaluate before any training (e.g. zero-shot QA)
+            model, tok, data, cfg = _load_untrained(src, args.overrides)
+        else:
+            model, tok, data, cfg = _load_run(src, args.overrides)
     except PeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -63,11 +79,39 @@ def _eval(args) -> int:
     return 0
 
 
+def _load_adapter(path: Path, model_name: str, labels: list[str] | None):
+    """A bare adapter folder (``peftlab.save``) on ``model_name``; the head's size gives the label count."""
+    from safetensors import safe_open
+
+    import peftlab
+
+    from .backbones import load_model, load_tokenizer
+
+    with safe_open(str(path / "adapter.safetensors"), "pt") as f:
+        heads = [f.get_slice(k).get_shape() for k in f.keys() if k.startswith("head::") and k.endswith(".weight")]
+    n = heads[0][0] if heads and len(heads[0]) == 2 else (len(labels) if labels else 2)
+    if labels and len(labels) != n:
+        raise PeftlabError(f"--labels names {len(labels)} labels but the adapter's head has {n} outputs")
+    model = load_model(model_name, task="regression" if n == 1 else "classification", num_labels=n)
+    peftlab.load(model, path)
+    tok = load_tokenizer(model_name)
+    return model.eval(), tok, labels, n == 1, 512
+
+
 def _predict(args) -> int:
     import torch
 
+    src = Path(args.run_dir)
+    if not (src / "config.json").is_file() and (src / "peftlab_config.json").is_file() and (src.parent / "config.json").is_file():
+        src = src.parent  # a run's best/ folder: use its run
     try:
-        model, tok, data, cfg = _load_run(Path(args.run_dir), [])
+        if (src / "config.json").is_file() or not (src / "peftlab_config.json").is_file():
+            model, tok, data, cfg = _load_run(src, [])
+            if data.kind == "choice":
+                raise PeftlabError("predict supports classification/regression runs")
+            names, regression, max_len = data.label_names, data.kind == "regression", cfg.train.max_length
+        else:
+            model, tok, names, regression, max_len = _load_adapter(src, args.model, args.labels)
     except PeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -77,16 +121,12 @@ def _predict(args) -> int:
     if not texts:
         print("error: give sentences or --file", file=sys.stderr)
         return 2
-    if data.kind == "choice":
-        print("error: predict supports classification/regression runs", file=sys.stderr)
-        return 2
-    names = data.label_names
     with torch.no_grad():
         for text in texts:
             parts = text.split(" ||| ")
-            enc = tok(*parts, return_tensors="pt", truncation=True, max_length=cfg.train.max_length)
+            enc = tok(*parts, return_tensors="pt", truncation=True, max_length=max_len)
             logits = model(**enc).logits[0]
-            if data.kind == "regression":
+            if regression:
                 print(json.dumps({"text": text, "score": logits.item()}))
             else:
                 p = logits.softmax(-1)
@@ -101,12 +141,14 @@ def _extend(sub) -> None:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 method_args.r=16")
     t.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
     t.set_defaults(func=_train)
-    e = sub.add_parser("eval", help="evaluate a run's best checkpoint on its dev set(s)")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint (or, given a YAML config, the untrained model) on the dev set(s)")
+    e.add_argument("run_dir", help="a run directory, or a YAML config for a before-training baseline")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.eval_limit=100")
     e.set_defaults(func=_eval)
-    p = sub.add_parser("predict", help="predict labels with a run's best checkpoint")
-    p.add_argument("run_dir")
+    p = sub.add_parser("predict", help="predict labels with a run's best checkpoint or a saved adapter")
+    p.add_argument("run_dir", help="a run directory, or an adapter folder saved by peftlab.save")
+    p.add_argument("--model", default="minilm", help="base model of a bare adapter folder (default minilm)")
+    p.add_argument("--labels", type=lambda v: v.split(","), help="label names of a bare adapter folder, in class order: neg,pos")
     p.add_argument("texts", nargs="*", help="sentences (a pair: 'first ||| second')")
     p.add_argument("--file", help="one input per line")
     p.set_defaults(func=_predict)

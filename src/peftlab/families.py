@@ -20,6 +20,9 @@ class Family:
     roles: dict[str, tuple[str, ...]]
     kind: str = "encoder"  # encoder | decoder | encoder-decoder | vision
     notes: dict[str, str] = field(default_factory=dict)
+    # module (full name suffix, outside the blocks) that takes input_ids/inputs_embeds/attention_mask and
+    # runs the embeddings and the (encoder) stack; used by input-extension methods (prompt tuning)
+    input_stack: tuple[str, ...] = ()
 
 
 _BERT_LIKE = {
@@ -45,6 +48,7 @@ FAMILIES: tuple[Family, ...] = (
         ("bert", "roberta", "xlm-roberta", "electra", "camembert", "mpnet"),
         ("encoder.layer",),
         _BERT_LIKE,
+        input_stack=("bert", "roberta", "electra", "mpnet", "camembert"),
     ),
     Family(
         "deberta-v2",
@@ -56,6 +60,7 @@ FAMILIES: tuple[Family, ...] = (
             "k": ("attention.self.key_proj", "attention.self.in_proj"),
             "v": ("attention.self.value_proj", "attention.self.in_proj"),
         },
+        input_stack=("deberta",),
     ),
     Family(
         "vit",
@@ -92,6 +97,7 @@ FAMILIES: tuple[Family, ...] = (
             "attn_norm": ("ln_1",),
             "ffn_norm": ("ln_2",),
         },
+        input_stack=("transformer",),
         kind="decoder",
         notes={"q": "GPT-2 fuses q, k and v in one Conv1D (attn.c_attn)"},
     ),
@@ -112,6 +118,7 @@ FAMILIES: tuple[Family, ...] = (
             "attn_norm": ("input_layernorm",),
             "ffn_norm": ("post_attention_layernorm",),
         },
+        input_stack=("model",),
         kind="decoder",
     ),
     Family(
@@ -129,6 +136,7 @@ FAMILIES: tuple[Family, ...] = (
             "attn_norm": ("self_attn_layer_norm",),
             "ffn_norm": ("final_layer_norm",),
         },
+        input_stack=("model.decoder",),
         kind="decoder",
     ),
     Family(
@@ -152,6 +160,7 @@ FAMILIES: tuple[Family, ...] = (
             "cross_norm": ("encoder_attn_layer_norm",),
             "ffn_norm": ("final_layer_norm",),
         },
+        input_stack=("model.encoder",),
         kind="encoder-decoder",
     ),
     Family(
@@ -176,6 +185,7 @@ FAMILIES: tuple[Family, ...] = (
             "attn_norm": ("layer.0.layer_norm",),
             "ffn_norm": ("layer.*.layer_norm",),
         },
+        input_stack=("encoder",),
         kind="encoder-decoder",
     ),
 )

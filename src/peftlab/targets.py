@@ -96,7 +96,7 @@ def select(model: nn.Module, config, roles: tuple[str, ...] | None = None) -> li
     out: list[Target] = []
     all_cands = list(iter_candidates(model))
     for t, t_roles in all_cands:
-        if t.kind not in accepts and not ("module" in accepts and t_roles):
+        if t.kind not in accepts and not ("module" in accepts and t_roles) and "any" not in accepts:
             continue  # "module": any module that has a family role (sub-blocks, attention modules)
         if wanted == "all-linear":
             hit = t.kind == "linear" and t.layer is not None
