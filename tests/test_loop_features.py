@@ -137,3 +137,34 @@ def test_demo_data_is_shipped_and_matches_its_generator():
     train, dev = load_shipped()
     assert len(train) == 400 and len(dev) == 160 and {e.label for e in train} == {0, 1} and len(LABELS) == 2
     assert not {e.texts for e in train} & {e.texts for e in dev}
+
+
+def test_cli_predict_from_adapter_folder_and_eval_from_yaml(tiny_bert, tmp_path, capsys):
+    import shutil
+
+    import yaml
+
+    from peftlab.cli import main
+
+    c = conf(tiny_bert, tmp_path, {"name": "table", "train_file": str(FIX / "table.csv"),
+                                   "dev_file": str(FIX / "table.csv"), "labels": ["neg", "pos"]})
+    run(c)
+    capsys.readouterr()
+    # a run's best/ folder resolves to its run (label names from the run's config)
+    assert main(["predict", str(tmp_path / "run" / "best"), "good", "bad"]) == 0
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [o["text"] for o in out] == ["good", "bad"] and {o["label"] for o in out} <= {"neg", "pos"}
+    # a bare adapter folder on a named base model; options may come before the sentences
+    shutil.copytree(tmp_path / "run" / "best", tmp_path / "adapter")
+    (tmp_path / "in.txt").write_text("fine\n\nawful\n")
+    assert main(["predict", str(tmp_path / "adapter"), "--model", tiny_bert, "--labels", "n,p", "good",
+                 "--file", str(tmp_path / "in.txt")]) == 0
+    bare = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [o["text"] for o in bare] == ["good", "fine", "awful"] and {o["label"] for o in bare} <= {"n", "p"}
+    assert bare[0]["p"] == out[0]["p"]  # the same weights and head as the run's best checkpoint
+    assert main(["predict", str(tmp_path / "adapter"), "--model", tiny_bert, "--labels", "a,b,c", "x"]) == 2
+    assert "3 labels" in capsys.readouterr().err
+    # eval of a YAML config: the untrained (method-attached) model, a before-training baseline
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
+    assert main(["eval", str(tmp_path / "c.yaml"), "output_dir=" + str(tmp_path / "other")]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"accuracy", "f1"}
