@@ -90,3 +90,34 @@ CASES.update({
     "goft": {"ours": goft_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2)"},
     "qgoft": {"ours": qgoft_ours, "peft": oft_peft, "ref": "lora", "peft_name": "OFT (block 32)"},
 })
+
+
+def prefix_ours(m):
+    return peftlab.attach(m, peftlab.get_config("prefix", num_virtual_tokens=20, reparameterize=False))
+
+
+def prefix_peft(m):
+    import peft
+
+    return _peft(m, peft.PrefixTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"))
+
+
+def prompt_ours(m):
+    return peftlab.attach(m, peftlab.get_config("prompt", num_virtual_tokens=20))
+
+
+def prompt_peft(m):
+    import peft
+
+    return _peft(m, peft.PromptTuningConfig(num_virtual_tokens=20, task_type="SEQ_CLS"))
+
+
+def adapter_ours(m):
+    return peftlab.attach(m, peftlab.get_config("adapter", bottleneck=16))
+
+
+CASES.update({
+    "prefix": {"ours": prefix_ours, "peft": prefix_peft, "ref": "lora"},
+    "prompt": {"ours": prompt_ours, "peft": prompt_peft, "ref": "lora"},
+    "adapter": {"ours": adapter_ours, "peft": None, "ref": "lora"},
+})
