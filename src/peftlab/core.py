@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, PeftlabError
-from .slot import Slot, parent_of, resolve, walk
+from .slot import Slot, owner, parent_of, resolve, walk
 from .targets import select
 
 HEAD_NAMES = ("classifier", "score", "qa_outputs")
@@ -91,8 +91,8 @@ def head_modules(model: nn.Module, config: MethodConfig) -> list[str]:
 
 def _adapter_params(model: nn.Module, name: str):
     for _, slot in slots(model):
-        if name in slot.adapters:
-            yield from slot.adapters[name].parameters()
+        for k in slot.keys_of(name):
+            yield from slot.adapters[k].parameters()
     sh = model._modules.get(_SHARED_ATTR)
     if sh is not None:
         for k, m in sh.items():
@@ -133,12 +133,11 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
             sh = part.build_shared(model)
             if sh is not None:
                 shared_modules(model)[shared_key(name, pi)] = sh
+            key = name if pi == 0 else f"{name}__{pi}"
             for t in targets:
                 slot = _ensure_slot(model, t.name)
-                if name in slot.adapters:
-                    raise AdapterExistsError(f"{t.name}: two parts of {config.method!r} target the same module")
                 touched.append(t.name)
-                slot.add(name, part.make_adapter(t, sh))
+                slot.add(key, part.make_adapter(t, sh))
         st.heads[name] = head_modules(model, config)
     except BaseException:
         _remove_from_slots(model, name, touched)
@@ -156,7 +155,7 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
 def _remove_from_slots(model, name, names) -> None:
     for n in dict.fromkeys(names):
         slot = resolve(model, n)
-        if isinstance(slot, Slot) and name in slot.adapters:
+        if isinstance(slot, Slot) and slot.keys_of(name):
             slot.remove(name)
             if not slot.adapters:
                 _unwrap(model, n)
@@ -197,7 +196,7 @@ def set_active(model: nn.Module, names: str | list[str]) -> None:
     if missing:
         raise AdapterNotFoundError(f"no adapter named {missing}; attached: {list(st.configs)}")
     for _, slot in slots(model):
-        if slot.merged and set(slot.merged) - set(names):
+        if {owner(k) for k in slot.merged} - set(names):
             raise PeftlabError("unmerge before changing the active adapters")
     st.active = names
     for _, slot in slots(model):
@@ -231,9 +230,9 @@ def delete(model: nn.Module, name: str) -> None:
     if name not in st.configs:
         raise AdapterNotFoundError(f"no adapter named {name!r}; attached: {list(st.configs)}")
     for _, slot in slots(model):
-        if name in slot.merged:
+        if any(owner(k) == name for k in slot.merged):
             slot.unmerge()
-    _remove_from_slots(model, name, [n for n, s in slots(model) if name in s.adapters])
+    _remove_from_slots(model, name, [n for n, s in slots(model) if s.keys_of(name)])
     _drop_shared(model, name)
     del st.configs[name]
     st.active = [a for a in st.active if a != name]

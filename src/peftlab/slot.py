@@ -47,6 +47,11 @@ class Adapter(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
 
 
+def owner(key: str) -> str:
+    """The adapter name a slot key belongs to ("name" or "name__<part>")."""
+    return key.split("__", 1)[0]
+
+
 class Slot(nn.Module):
     """Wraps ``base`` (an nn.Linear, GPT-2 Conv1D, LayerNorm, attention module, ...)."""
 
@@ -97,23 +102,29 @@ class Slot(nn.Module):
         return self.weight_oi().shape[0]
 
     # ---- adapter management
-    def add(self, name: str, adapter: nn.Module, active: bool = True) -> None:
-        if name in self.adapters:
-            raise AdapterExistsError(f"adapter {name!r} already exists on this module")
-        self.adapters[name] = adapter
+    # Keys are adapter names; a composite config whose parts meet on one module adds "name__<part>".
+    def keys_of(self, name: str) -> list[str]:
+        return [k for k in self.adapters if owner(k) == name]
+
+    def add(self, key: str, adapter: nn.Module, active: bool = True) -> None:
+        if key in self.adapters:
+            raise AdapterExistsError(f"adapter {key!r} already exists on this module")
+        self.adapters[key] = adapter
         if active:
-            self.active.append(name)
+            self.active.append(key)
         self.refresh()
 
     def remove(self, name: str) -> None:
-        if name in self.merged:
+        keys = self.keys_of(name)
+        if any(k in self.merged for k in keys):
             raise NotMergeableError(f"adapter {name!r} is merged; unmerge before deleting it")
-        del self.adapters[name]
-        self.active = [a for a in self.active if a != name]
+        for k in keys:
+            del self.adapters[k]
+        self.active = [a for a in self.active if owner(a) != name]
         self.refresh()
 
     def set_active(self, names) -> None:
-        self.active = [n for n in names if n in self.adapters]
+        self.active = [k for n in names for k in self.keys_of(n)]
         self.refresh()
 
     def refresh(self) -> None:

@@ -65,9 +65,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     get_adapter_config(model, name)
     out: dict[str, torch.Tensor] = {}
     for path, slot in slots(model):
-        if name in slot.adapters:
-            for k, v in slot.adapters[name].state_dict().items():
-                out[f"{path}::{k}"] = v
+        for key in slot.keys_of(name):
+            part = "" if key == name else key[len(name):] + "/"  # composite configs: "__<part>/"
+            for k, v in slot.adapters[key].state_dict().items():
+                out[f"{path}::{part}{k}"] = v
     sh = model._modules.get("peftlab_shared") or {}
     for i in range(len(st.configs[name].parts())):
         key = shared_key(name, i)
@@ -86,7 +87,7 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
-    targets = [p for p, s in slots(model) if name in s.adapters]
+    targets = [p for p, s in slots(model) if s.keys_of(name)]
     fd, tmp = tempfile.mkstemp(dir=path, prefix=".adapter.", suffix=".tmp")
     os.close(fd)
     try:

@@ -93,12 +93,17 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
     out: dict[str, float] = {}
     bs = cfg.train.eval_batch_size
     dev = next(model.parameters()).device
+    from tqdm.auto import tqdm
+
+    def chunks(n: int, what: str):
+        return tqdm(range(0, n, bs), desc=f"eval {what}", unit="batch", leave=False, dynamic_ncols=True,
+                    disable=not cfg.train.progress)
     for di, (dname, examples) in enumerate(data.dev.items()):
         prefix = "" if di == 0 else f"{dname}_"
         if data.kind == "choice":
             items = encode_choice_eval(tok, examples, cfg.train.max_length)
             best: dict[int, tuple[float, int]] = {}
-            for i in range(0, len(items), bs):
+            for i in chunks(len(items), dname):
                 chunk = items[i : i + bs]
                 b = {k: v.to(dev) for k, v in collate(chunk, tok.pad_token_id).items()}
                 logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -111,7 +116,7 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
         else:
             items = encode_classification(tok, examples, cfg.train.max_length)
             preds, labels = [], []
-            for i in range(0, len(items), bs):
+            for i in chunks(len(items), dname):
                 b = collate(items[i : i + bs], tok.pad_token_id, data.kind == "regression")
                 labels += b.pop("labels").tolist()
                 logits = model(**{k: v.to(dev) for k, v in b.items()}).logits.float().cpu()

@@ -201,6 +201,6 @@ class QGOFTConfig(GOFTConfig):
     def training_loss(self, model, name):
         from ..core import slots
 
-        terms = [s.adapters[name].orthogonality_penalty() for _, s in slots(model)
-                 if name in s.adapters and name in s.active and isinstance(s.adapters[name], GivensRotation)]
+        terms = [s.adapters[k].orthogonality_penalty() for _, s in slots(model) for k in s.keys_of(name)
+                 if k in s.active and isinstance(s.adapters[k], GivensRotation)]
         return self.reg_lambda * torch.stack(terms).sum() if terms and self.reg_lambda else None

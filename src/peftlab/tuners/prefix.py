@@ -202,9 +202,9 @@ def materialize(model: nn.Module, name: str = "default") -> None:
         flat = sh[k].materialized()
         sh[k] = flat
         for _, s in slots(model):
-            ad = s.adapters[name] if name in s.adapters else None
-            if isinstance(ad, PrefixAttention) and ad.key in flat.shapes:
-                ad._encoder = [flat]
+            for ad in (s.adapters[k] for k in s.keys_of(name)):
+                if isinstance(ad, PrefixAttention) and ad.key in flat.shapes:
+                    ad._encoder = [flat]
     cfg = state(model).configs[name]
     for part in cfg.parts():
         if isinstance(part, PrefixConfig):

@@ -146,7 +146,7 @@ class _SparsityConfig(MethodConfig):
     def _layers(self, model, name):
         from ..core import slots
 
-        return [s.adapters[name] for _, s in slots(model) if name in s.adapters and isinstance(s.adapters[name], SparseLinear)]
+        return [s.adapters[k] for _, s in slots(model) for k in s.keys_of(name) if isinstance(s.adapters[k], SparseLinear)]
 
     def set_sparsity(self, model, name: str, s: float) -> None:
         for layer in self._layers(model, name):
