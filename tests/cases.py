@@ -43,6 +43,10 @@ CASES: dict[str, Case] = {
                         merge=False, zero_start_tol=None, min_cosine=None, families=("bert", "llama", "bart"), real=False),
     "prompt": Case(lambda: peftlab.get_config("prompt", num_virtual_tokens=3), merge=False, zero_start_tol=None,
                    min_cosine=None, families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "opt", "bart", "t5")),
+    "s4": Case(lambda: peftlab.get_config("s4", budget=0.05), merge=False, zero_start_tol=None, min_cosine=None,
+               families=("bert", "roberta", "gpt2", "llama", "opt", "bart")),
+    "s4_lb": Case(lambda: peftlab.get_config("s4", budget=0.05, pattern="increasing",
+                                             strategies=[["L"], ["B", "L"], ["B"], ["L", "B"]]), real=False),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

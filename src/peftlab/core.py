@@ -127,8 +127,10 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
         raise AdapterExistsError(f"an adapter named {name!r} is already attached; delete it or pick another name")
     touched: list[str] = []
     try:
+        config.check_model(model)  # composites plan their parts here
         for pi, part in enumerate(config.parts()):
-            part.check_model(model)
+            if part is not config:
+                part.check_model(model)
             targets = select(model, part)
             sh = part.build_shared(model)
             if sh is not None:

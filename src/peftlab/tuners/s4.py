@@ -1,0 +1,217 @@
+"""S4 design spaces (Chen et al., ICLR 2023) — METHODS.md §1.
+
+The backbone's L blocks (encoder then decoder, as one ordered sequence [U]) are split into G
+contiguous groups (default 4) by a grouping *pattern*; a total budget (a fraction of the backbone's
+parameters, default 0.5% [S2]) is allocated across the layers of the tuned groups (uniform, as S4
+prescribes, or increasing/decreasing); each tuned group gets a non-empty subset of the strategies
+A (serial adapter), P (prefix), B (BitFit), L (LoRA on q, v), and every layer of the group carries all
+of them. ``S4Config.parts()`` expands into ordinary ``adapter`` / ``prefix`` / ``bitfit`` / ``lora``
+configs on layer subsets, attached under one adapter name through the core (no special cases).
+
+Our choices where the paper is unverified ([U], all configurable): pattern weights (spindle 1:2:2:1
+for G = 4, i.e. 1 + min(g, G−1−g); bottleneck the reverse; increasing 1:2:3:4), sizes by
+largest-remainder rounding with ≥ 1 layer per group; the budget solver of METHODS.md §1.3 (BitFit's
+fixed count first, the rest split equally among A/P/L: adapter width m from 2 adapters of 2dm + m + d,
+LoRA rank from r·Σ(d_in + d_out) over q and v, prefix length from 2·l·d_kv, each ≥ 1); flat
+(materialised) prefixes so the budget counts what is trained; Houlsby adapters with zero init.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..config import MethodConfig
+from ..families import find_blocks
+from ..registry import get_config, register
+from ..slot import linear_dims
+from ..targets import select
+
+PATTERNS = ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
+STRATEGIES = ("A", "P", "B", "L")
+PRESETS = {  # METHODS.md §1.2: S4-model [S2]; S4-3b-model [U]
+    "s4-model": [["A", "L"], ["A", "P"], ["A", "P", "B"], ["P", "B", "L"]],
+    "s4-3b-model": [["P", "L"], ["A", "L"], ["P", "B", "L"], ["A", "P", "B"]],
+}
+
+
+def pattern_weights(pattern: str, groups: int) -> list[float]:
+    spindle = [1 + min(g, groups - 1 - g) for g in range(groups)]
+    if pattern == "spindle":
+        return spindle
+    if pattern == "bottleneck":
+        return [max(spindle) + 1 - w for w in spindle]
+    if pattern == "increasing":
+        return [g + 1 for g in range(groups)]
+    if pattern == "decreasing":
+        return [groups - g for g in range(groups)]
+    if pattern == "uniform":
+        return [1] * groups
+    raise ValueError(f"unknown grouping pattern {pattern!r}; choose from {PATTERNS}")
+
+
+def group_sizes(n_layers: int, groups: int = 4, pattern: str = "spindle") -> list[int]:
+    """Contiguous group sizes summing to n_layers, ≥ 1 each, proportional to the pattern's weights."""
+    if groups < 1 or n_layers < groups:
+        raise ValueError(f"cannot split {n_layers} layers into {groups} non-empty groups")
+    w = pattern_weights(pattern, groups)
+    rest = n_layers - groups
+    raw = [rest * x / sum(w) for x in w]
+    sizes = [1 + math.floor(r) for r in raw]
+    order = sorted(range(groups), key=lambda g: (-(raw[g] - math.floor(raw[g])), g))
+    for g in order[: n_layers - sum(sizes)]:
+        sizes[g] += 1
+    return sizes
+
+
+def allocation_weights(kind: str, n: int) -> list[float]:
+    if kind == "uniform":
+        return [1.0] * n
+    if kind == "increasing":
+        return [float(i + 1) for i in range(n)]
+    if kind == "decreasing":
+        return [float(n - i) for i in range(n)]
+    raise ValueError(f"allocation must be uniform, increasing or decreasing, got {kind!r}")
+
+
+@register
+@dataclass
+class S4Config(MethodConfig):
+    """S4 design space: grouping pattern, budget allocation, tuned groups and per-group strategies."""
+
+    method = "s4"
+    accepts = ("linear", "norm", "module")
+
+    groups: int = 4
+    pattern: str = "spindle"
+    group_sizes: list[int] | None = None  # explicit sizes override the pattern
+    budget: float = 0.005  # fraction of the backbone's parameters
+    allocation: str = "uniform"
+    tuned_groups: list[int] | None = None  # None = all groups
+    strategies: list[list[str]] = field(default_factory=lambda: [list(s) for s in PRESETS["s4-model"]])
+    preset: str | None = None  # "s4-model" or "s4-3b-model" (sets strategies)
+    adapter_init: str = "zero"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+            self.strategies = [list(s) for s in PRESETS[self.preset]]
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        allocation_weights(self.allocation, 1)
+        if len(self.strategies) != self.groups:
+            raise ValueError(f"strategies must list one subset per group ({self.groups}), got {len(self.strategies)}")
+        for g, sub in enumerate(self.strategies):
+            bad = [s for s in sub if s not in STRATEGIES]
+            if bad:
+                raise ValueError(f"strategies[{g}]: unknown strategy {bad}; use {STRATEGIES}")
+        if self.tuned_groups is not None:
+            if not self.tuned_groups or any(not 0 <= g < self.groups for g in self.tuned_groups):
+                raise ValueError(f"tuned_groups must be a non-empty subset of 0..{self.groups - 1}")
+            if any(not self.strategies[g] for g in self.tuned_groups):
+                raise ValueError("every tuned group needs a non-empty strategy subset")
+        if not 0 < self.budget < 1:
+            raise ValueError(f"budget is a fraction of the backbone parameters, got {self.budget}")
+
+    # ------------------------------------------------------------------ the plan
+    def layout(self, n_layers: int) -> list[list[int]]:
+        sizes = self.group_sizes or group_sizes(n_layers, self.groups, self.pattern)
+        if sum(sizes) != n_layers or len(sizes) != self.groups or min(sizes) < 1:
+            raise ValueError(f"group sizes {sizes} must be {self.groups} positive numbers summing to {n_layers}")
+        out, start = [], 0
+        for n in sizes:
+            out.append(list(range(start, start + n)))
+            start += n
+        return out
+
+    def plan(self, model: nn.Module) -> dict:
+        """Per layer: strategies and their sizes, plus the realised parameter counts."""
+        from ..core import state  # noqa: F401  (keeps import cycles out of module import time)
+
+        blocks = find_blocks(model)
+        groups = self.layout(len(blocks))
+        tuned = self.tuned_groups if self.tuned_groups is not None else [g for g in range(self.groups) if self.strategies[g]]
+        layers = [i for g in tuned for i in groups[g]]
+        base = sum(p.numel() for n, p in model.named_parameters() if "adapters" not in n and "peftlab_shared" not in n)
+        total = self.budget * base
+        w = allocation_weights(self.allocation, len(layers))
+        per_layer = {i: total * w[k] / sum(w) for k, i in enumerate(layers)}
+        cfg = model.config
+        d = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or cfg.n_embd
+        rows = {}
+        for g in tuned:
+            strat = self.strategies[g]
+            for i in groups[g]:
+                row = {"group": g, "strategies": list(strat), "budget": per_layer[i]}
+                bitfit = self._count(model, i, "B") if "B" in strat else 0
+                adjustable = [s for s in strat if s != "B"]
+                share = max(per_layer[i] - bitfit, 0) / max(len(adjustable), 1)
+                if "A" in strat:
+                    row["adapter_width"] = max(1, math.floor((share - 2 * d) / (2 * (2 * d + 1))))
+                if "L" in strat:
+                    row["lora_rank"] = max(1, math.floor(share / self._lora_cost(model, i)))
+                if "P" in strat:
+                    row["prefix_length"] = max(1, math.floor(share / (2 * self._kv_dim(model, i))))
+                rows[i] = row
+        return {"groups": groups, "tuned_groups": tuned, "budget": total, "backbone_params": base, "layers": rows}
+
+    def _count(self, model, layer: int, what: str) -> int:
+        cfg = get_config("bitfit", layers=[layer])
+        return cfg.formula_count(select(model, cfg))
+
+    def _lora_cost(self, model, layer: int) -> int:
+        ts = select(model, get_config("lora", layers=[layer]))
+        return sum(sum(linear_dims(t.module)) for t in ts)
+
+    def _kv_dim(self, model, layer: int) -> int:
+        from .prefix import kv_geometry
+
+        ts = select(model, get_config("prefix", layers=[layer]))
+        h, hd = kv_geometry(ts[0].module, model.config)
+        return h * hd
+
+    # ------------------------------------------------------------------ expansion into ordinary configs
+    def parts(self) -> list[MethodConfig]:
+        plan = getattr(self, "_plan", None)
+        if plan is None:
+            raise RuntimeError("S4Config.parts() needs the model: attach it with peftlab.attach (check_model plans it)")
+        rows = plan["layers"]
+        out: list[MethodConfig] = []
+        with_b = sorted(i for i, r in rows.items() if "B" in r["strategies"])
+        if with_b:
+            out.append(get_config("bitfit", layers=with_b, modules_to_save=self.modules_to_save))
+        with_a = sorted(i for i, r in rows.items() if "A" in r["strategies"])
+        if with_a:
+            out.append(get_config("adapter", layers=with_a, init=self.adapter_init,
+                                  layer_bottleneck={str(i): rows[i]["adapter_width"] for i in with_a}))
+        with_p = sorted(i for i, r in rows.items() if "P" in r["strategies"])
+        if with_p:
+            out.append(get_config("prefix", layers=with_p, reparameterize=False,
+                                  layer_lengths={str(i): rows[i]["prefix_length"] for i in with_p}))
+        ranks: dict[int, list[int]] = {}
+        for i, r in rows.items():
+            if "L" in r["strategies"]:
+                ranks.setdefault(r["lora_rank"], []).append(i)
+        for r, ls in sorted(ranks.items()):
+            out.append(get_config("lora", r=r, alpha=float(r), layers=sorted(ls)))
+        return out
+
+    def check_model(self, model: nn.Module) -> None:
+        from ..errors import UnsupportedArchitectureError
+        from ..families import family_of
+        from .prefix import SUPPORTED
+
+        fam = family_of(model)
+        tuned = self.tuned_groups if self.tuned_groups is not None else range(self.groups)
+        if any("P" in self.strategies[g] for g in tuned) and (fam is None or fam.name not in SUPPORTED):
+            raise UnsupportedArchitectureError(
+                f"S4 strategy P (prefix) is not available on {getattr(model.config, 'model_type', '?')}; "
+                f"use strategy subsets of A, B, L for this architecture")
+        self._plan = self.plan(model)
+
+    def report_plan(self) -> dict:
+        return getattr(self, "_plan", None)
