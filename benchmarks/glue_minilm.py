@@ -72,15 +72,16 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int) ->
                   "schedule": "linear", "seed": seed, "progress": False},
         "output_dir": str(out_root / f"{task}-{method}-s{seed}"),
     }
-    original = loop.build_model
+    original, original_save = loop.build_model, loop._save_best
     if method.startswith("peft-"):
         loop.build_model = _peft_build_model
+        loop._save_best = lambda model, path, cfg: model.save_pretrained(path)
     try:
         t0 = time.perf_counter()
         res = run(cfg)
         res["wall_s"] = time.perf_counter() - t0
     finally:
-        loop.build_model = original
+        loop.build_model, loop._save_best = original, original_save
     res.update(bench_method=method, lr=lr, epochs=epochs, seed=seed)
     return res
 
