@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands  # noqa: F401  (registers train/eval/predict/explore when present)
     except ImportError:
         pass
+    from .explore import cli as _explore_cli  # noqa: F401  (registers `explore`)
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # positionals after an option (predict RUN --labels a,b "text" ...) belong to the last nargs="*"

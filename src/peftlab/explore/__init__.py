@@ -1,0 +1,133 @@
+"""The S4 design-space explorer: ``peftlab explore SPACE.yaml`` / ``peftlab.explore.explore(cfg)``.
+
+Stage-wise refinement as in the paper (METHODS.md §1.4): for each component in order (default
+pattern → allocation → tuned_groups → strategies, the last greedily group by group), every candidate
+value c defines the space S ∧ c; N configurations are sampled from it (reproducibly), trained in the
+low-epoch regime on the task list, scored by the average dev metric; the candidate with the best mean
+score is fixed and the next stage starts. Every trial goes to ``trials.jsonl`` as it finishes, so a
+killed exploration resumes where it stopped and a failing trial is recorded, not fatal. The report
+(``report.md``, EDF plots, ``summary.json``) compares the candidates' score distributions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import PeftlabError
+from .analysis import edf, plot_edf, summarize  # noqa: F401
+from .runner import execute, run_trial  # noqa: F401
+from .space import COMPONENTS, Space, candidates, sample
+
+KEYS = {"model", "tasks", "train", "space", "samples", "seed", "stages", "output_dir", "backend", "workers",
+        "ray_address", "strategy_candidates"}
+
+
+@dataclass
+class ExploreConfig:
+    model: str = "minilm"
+    tasks: list[dict] = field(default_factory=lambda: [{"name": "sst2", "train_limit": 1000, "eval_limit": 300}])
+    train: dict = field(default_factory=lambda: {"epochs": 1, "batch_size": 16, "lr": 1e-3, "max_length": 64})
+    space: dict = field(default_factory=dict)
+    samples: int = 10
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: list(COMPONENTS))
+    output_dir: str = "runs/explore"
+    backend: str = "local"
+    workers: int = 1
+    ray_address: str | None = None
+    strategy_candidates: list[list[str]] | None = None  # limit the 15 subsets tried per group
+
+
+def load(source, overrides: list[str] | None = None) -> ExploreConfig:
+    from ..train.config import apply_overrides
+
+    data = dict(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    unknown = sorted(set(data) - KEYS)
+    if unknown:
+        raise PeftlabError(f"unknown explore key(s) {unknown}; valid: {sorted(KEYS)}")
+    cfg = ExploreConfig(**data)
+    bad = [s for s in cfg.stages if s not in COMPONENTS]
+    if bad:
+        raise PeftlabError(f"unknown stage(s) {bad}; stages are {list(COMPONENTS)}")
+    if cfg.samples < 1:
+        raise PeftlabError("samples must be >= 1")
+    return cfg
+
+
+def _label(v: Any) -> str:
+    return "+".join(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else json.dumps(v).replace(" ", "")
+
+
+def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
+    cfg = source if isinstance(source, ExploreConfig) else load(source, overrides)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "explore_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    log = out / "trials.jsonl"
+    space = Space(**{**{"groups": 4, "budget": 0.005}, **cfg.space})
+    chosen: dict[str, Any] = {}
+    stages_out = []
+
+    def run_stage(stage_name: str, cands: list, make_space) -> Any:
+        jobs = []
+        for c in cands:
+            sp = make_space(c)
+            for k in range(cfg.samples):
+                key = f"{cfg.seed}/{stage_name}/{_label(c)}/{k}"
+                jobs.append({"id": key, "stage": stage_name, "candidate": _label(c), "s4": sample(sp, key),
+                             "model": cfg.model, "tasks": cfg.tasks, "train": cfg.train,
+                             "out": str(out / "trials" / key.replace("/", "_"))})
+        recs = execute(jobs, log, cfg.backend, cfg.workers, cfg.ray_address, progress)
+        groups = {_label(c): [recs[j["id"]]["score"] for j in jobs if j["candidate"] == _label(c)
+                              and "score" in recs.get(j["id"], {})] for c in cands}
+        failed = sum(1 for j in jobs if "error" in recs.get(j["id"], {}))
+        stats = {lab: summarize(s) for lab, s in groups.items()}
+        ok = [c for c in cands if stats[_label(c)].get("n")]
+        if not ok:
+            raise PeftlabError(f"stage {stage_name}: every trial failed; see {log}")
+        best = max(ok, key=lambda c: (stats[_label(c)]["mean"], -stats[_label(c)]["std"]))
+        png = plot_edf(groups, out / f"edf_{stage_name.replace('/', '_')}.png", f"stage {stage_name}")
+        stages_out.append({"stage": stage_name, "stats": stats, "chosen": _label(best), "failed": failed,
+                           "plot": png.name if png else None})
+        return best
+
+    for stage in cfg.stages:
+        if stage == "strategies":
+            cands = cfg.strategy_candidates or candidates("strategies", space.groups)
+            per_group: list[Any] = list(space.strategies) if isinstance(space.strategies, list) else ["free"] * space.groups
+            for g in range(space.groups):
+                best = run_stage(f"strategies-G{g + 1}", cands, lambda c, g=g, pg=tuple(per_group): space.fixed(
+                    **chosen, strategies=[*pg[:g], c, *pg[g + 1:]]))
+                per_group[g] = best
+            chosen["strategies"] = per_group
+        else:
+            fixed_value = getattr(space, stage)
+            cands = candidates(stage, space.groups) if fixed_value == "free" else (
+                fixed_value if isinstance(fixed_value, list) and fixed_value and isinstance(fixed_value[0], (str, list)) else [fixed_value])
+            chosen[stage] = run_stage(stage, cands, lambda c, stage=stage: space.fixed(**{**chosen, stage: c}))
+    summary = {"chosen": chosen, "stages": stages_out, "trials": str(log)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(report(cfg, summary))
+    return summary
+
+
+def report(cfg: ExploreConfig, summary: dict) -> str:
+    lines = [f"# Design-space exploration ({cfg.model}; tasks {', '.join(t['name'] for t in cfg.tasks)}; "
+             f"{cfg.samples} samples per candidate; backend {cfg.backend})", ""]
+    for st in summary["stages"]:
+        lines += [f"## Stage {st['stage']} — chosen: **{st['chosen']}**" + (f" ({st['failed']} failed trials)" if st["failed"] else ""), "",
+                  "| candidate | n | mean score | std | median | best | worst |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for lab, s in sorted(st["stats"].items(), key=lambda kv: -kv[1].get("mean", -1e9)):
+            if s.get("n"):
+                lines.append(f"| {lab} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {s['median']:.2f} | {s['best']:.2f} | {s['worst']:.2f} |")
+        if st["plot"]:
+            lines += ["", f"![EDF of error, stage {st['stage']}]({st['plot']})"]
+        lines.append("")
+    lines.append(f"Final choices: `{json.dumps(summary['chosen'])}`")
+    return "\n".join(lines) + "\n"

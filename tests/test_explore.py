@@ -1,0 +1,144 @@
+"""The design-space explorer: sampling, EDF, stage-wise refinement, resume after kill, failures, backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab.explore import edf, explore, load, summarize
+from peftlab.explore.space import Space, sample
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    """A tiny BERT classifier + word-level tokenizer covering the shipped demo data, saved locally."""
+    import transformers
+
+    from peftlab.demo_data import NEG, POS, SUBJECTS, TEMPLATES
+
+    words = sorted({w for t in TEMPLATES + SUBJECTS + POS + NEG for w in t.replace(",", " , ").replace(".", " . ")
+                    .replace("'", " ' ").replace("{s}", " ").replace("{a}", " ").split()})
+    d = tmp_path_factory.mktemp("tinybert")
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def space_cfg(model_dir, out, **kw):
+    return {"model": model_dir, "tasks": [{"name": "demo", "train_limit": 64, "eval_limit": 48}],
+            "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3, "max_length": 24},
+            "space": {"budget": 0.05}, "samples": 2, "seed": 0, "stages": ["pattern"], "output_dir": str(out), **kw}
+
+
+def test_sampler_is_reproducible_and_respects_fixed_components():
+    sp = Space(budget=0.01)
+    a = [sample(sp, f"k{i}") for i in range(20)]
+    assert a == [sample(sp, f"k{i}") for i in range(20)]
+    assert len({json.dumps(x) for x in a}) > 10  # really random across keys
+    fixed = sp.fixed(pattern="spindle", allocation="uniform", tuned_groups=[0, 1, 2, 3])
+    for i in range(10):
+        s = sample(fixed, f"k{i}")
+        assert s["pattern"] == "spindle" and s["allocation"] == "uniform" and s["tuned_groups"] == [0, 1, 2, 3]
+        assert all(sub and set(sub) <= {"A", "P", "B", "L"} for sub in s["strategies"])
+    half = sp.fixed(strategies=[["A"], "free", ["B", "L"], "free"])
+    assert all(sample(half, f"x{i}")["strategies"][0] == ["A"] for i in range(5))
+
+
+def test_edf_and_summary():
+    errs = [10.0, 20.0, 20.0, 40.0]
+    grid, F = edf(errs, [5, 10, 15, 20, 30, 50])
+    assert F == [0.0, 0.0, 0.25, 0.25, 0.75, 1.0]  # F(e) = fraction of errors strictly below e
+    s = summarize([90.0, 80.0, 80.0, 60.0])
+    assert s["mean"] == 77.5 and s["median"] == 80.0 and s["best"] == 90.0 and s["n"] == 4
+
+
+def test_config_validation(tmp_path):
+    from peftlab.errors import PeftlabError
+
+    with pytest.raises(PeftlabError, match="unknown explore key"):
+        load({"sampels": 3})
+    with pytest.raises(PeftlabError, match="stage"):
+        load({"stages": ["grouping-ish"]})
+
+
+def test_stagewise_exploration_local_with_report(tiny_bert_dir, tmp_path):
+    cfg = space_cfg(tiny_bert_dir, tmp_path / "ex", stages=["pattern", "strategies"],
+                    strategy_candidates=[["L"], ["B", "L"]], space={"budget": 0.05, "groups": 2,
+                                                                    "allocation": "uniform", "tuned_groups": [0, 1]})
+    summary = explore(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "ex" / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 5 * 2 + 2 * 2 * 2  # 5 patterns x 2 samples, then 2 groups x 2 candidates x 2
+    assert all("score" in r and 0 <= r["score"] <= 100 for r in recs)
+    assert summary["chosen"]["pattern"] in ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
+    assert len(summary["chosen"]["strategies"]) == 2
+    later = [r for r in recs if r["stage"].startswith("strategies")]
+    assert all(r["s4"]["pattern"] == summary["chosen"]["pattern"] for r in later)  # earlier choice fixed
+    report = (tmp_path / "ex" / "report.md").read_text()
+    assert "Stage pattern" in report and (tmp_path / "ex" / "edf_pattern.png").stat().st_size > 1000
+
+
+def test_failing_trial_is_recorded_not_fatal(tiny_bert_dir, tmp_path):
+    cfg = space_cfg(tiny_bert_dir, tmp_path / "ex", space={"budget": 0.05, "pattern": ["spindle", "uniform"],
+                                                           "strategies": [["P"], ["L"], ["L"], ["L"]],
+                                                           "tuned_groups": [0, 1, 2, 3]})
+    cfg["train"]["max_length"] = 3  # invalid (< 8): every trial fails inside the training config check
+    with pytest.raises(Exception, match="every trial failed"):
+        explore(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "ex" / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all("error" in r for r in recs)
+
+
+RUN = "import sys; from peftlab.explore import explore; explore(sys.argv[1])"
+
+
+def test_killed_exploration_resumes_where_it_stopped(tiny_bert_dir, tmp_path):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(space_cfg(tiny_bert_dir, tmp_path / "ex", samples=3)))
+    log = tmp_path / "ex" / "trials.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", RUN, str(p)])
+    deadline = time.time() + 300
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = [json.loads(x)["id"] for x in log.read_text().splitlines()]
+    assert 4 <= len(first) < 15
+    subprocess.run([sys.executable, "-c", RUN, str(p)], check=True, timeout=600)
+    ids = [json.loads(x)["id"] for x in log.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 15 and ids[: len(first)] == first  # nothing redone, nothing lost
+    assert (tmp_path / "ex" / "summary.json").is_file()
+
+
+@pytest.mark.distributed
+def test_ray_backend_two_workers_matches_local(tiny_bert_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    local = explore(space_cfg(tiny_bert_dir, tmp_path / "local"))
+    try:
+        remote = explore(space_cfg(tiny_bert_dir, tmp_path / "ray", backend="ray", workers=2))
+    finally:
+        ray.shutdown()
+    scores = lambda out: {json.loads(x)["id"]: round(json.loads(x)["score"], 6)  # noqa: E731
+                          for x in (Path(out) / "trials.jsonl").read_text().splitlines()}
+    assert scores(tmp_path / "local") == scores(tmp_path / "ray")  # same trials, same results
+    assert remote["chosen"] == local["chosen"]
+
+
+def test_cli_explore(tiny_bert_dir, tmp_path):
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(space_cfg(tiny_bert_dir, tmp_path / "ex", samples=1)))
+    r = subprocess.run([sys.executable, "-m", "peftlab", "explore", str(p), "space.budget=0.04"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "report:" in r.stdout and len((tmp_path / "ex" / "trials.jsonl").read_text().splitlines()) == 5
