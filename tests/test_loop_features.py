@@ -168,3 +168,78 @@ def test_cli_predict_from_adapter_folder_and_eval_from_yaml(tiny_bert, tmp_path,
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
     assert main(["eval", str(tmp_path / "c.yaml"), "output_dir=" + str(tmp_path / "other")]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"accuracy", "f1"}
+
+
+RUNNER = "import sys; from peftlab.train import run; run(sys.argv[1], resume=len(sys.argv) > 2)"
+
+
+@pytest.mark.slow
+def test_repeated_sigkill_at_arbitrary_moments_then_resume(tiny_bert, tmp_path):
+    """Kill -9 several times: during start-up, training, evaluation and checkpoint writes;
+    each restart resumes; the end state equals an uninterrupted run's, best adapter bytes included."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    def c(out):
+        d = conf(tiny_bert, tmp_path, {"name": "demo", "eval_limit": 48}, max_steps=60, batch_size=8, eval_every=15,
+                 save_every=2, lr=2e-3, seed=5)
+        d["output_dir"] = str(out)
+        d["method_args"]["dropout"] = 0.1  # dropout consumes RNG: its state must be restored too
+        return d
+
+    ref = run(c(tmp_path / "ref"))
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(c(tmp_path / "killed")))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    steps_at_kill = []
+    state = tmp_path / "killed" / "checkpoint" / "state.json"
+
+    def ckpt_step() -> int:
+        try:
+            return json.loads(state.read_text())["loop"]["step"]
+        except (OSError, ValueError):  # absent, or being swapped in right now
+            return -1
+
+    # (checkpoint step to wait for, extra delay): during start-up, right after checkpoints (mid next step or
+    # mid checkpoint write), right after evaluations at steps 15/30/45 (mid best-adapter save)
+    for target, delay in ((None, 0.5), (4, 0.0), (15, 0.01), (30, 0.05), (44, 0.2), (45, 0.0)):
+        if (tmp_path / "killed" / "results.json").exists():
+            break
+        proc = subprocess.Popen([sys.executable, "-c", RUNNER, str(p), *(["r"] if steps_at_kill else [])], env=env)
+        deadline = time.time() + 300
+        while target is not None and ckpt_step() < target and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        steps_at_kill.append(ckpt_step())
+    assert sum(0 < s < 60 for s in steps_at_kill) >= 4, steps_at_kill  # kills landed mid-training
+    subprocess.run([sys.executable, "-c", RUNNER, str(p), "r"], env=env, check=True, timeout=600)
+    res = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert (res["final"], res["best"], res["best_step"], res["steps"]) == (ref["final"], ref["best"], ref["best_step"], ref["steps"])
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+    from safetensors.torch import load_file
+
+    got, want = (load_file(tmp_path / r / "best" / "adapter.safetensors") for r in ("killed", "ref"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_choice_scores_are_answer_token_log_likelihoods():
+    from peftlab.train.data import choice_scores
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50)
+    labels = torch.full((3, 7), -100)
+    labels[0, 4:6] = torch.tensor([3, 9])
+    labels[1, 2:7] = torch.randint(0, 50, (5,))
+    labels[2, 6] = 7
+    want = []
+    for b in range(3):  # token t is predicted by the logits at position t - 1
+        lp = [torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]] for t in range(1, 7) if labels[b, t] != -100]
+        want.append(torch.stack(lp))
+    assert torch.allclose(choice_scores(logits, labels, normalize=False), torch.stack([w.sum() for w in want]))
+    assert torch.allclose(choice_scores(logits, labels, normalize=True), torch.stack([w.mean() for w in want]))

@@ -158,9 +158,9 @@ def encode_choice_eval(tok, examples: list, max_length: int) -> list[dict]:
 
 def choice_scores(logits: torch.Tensor, labels: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Sum (or per-token mean) log-likelihood of the labelled tokens of each row."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     tgt = labels[:, 1:]
     mask = tgt != -100
-    tok_lp = logp.gather(-1, tgt.clamp_min(0).unsqueeze(-1)).squeeze(-1) * mask
-    s = tok_lp.sum(-1)
+    rows, cols = mask.nonzero(as_tuple=True)  # log-softmax over the vocabulary only where an answer token is scored
+    lp = torch.log_softmax(logits[:, :-1][rows, cols].float(), dim=-1).gather(-1, tgt[rows, cols].unsqueeze(-1)).squeeze(-1)
+    s = torch.zeros(labels.shape[0], dtype=lp.dtype, device=lp.device).index_add_(0, rows, lp)
     return s / mask.sum(-1).clamp_min(1) if normalize else s
