@@ -47,6 +47,9 @@ CASES: dict[str, Case] = {
                families=("bert", "roberta", "gpt2", "llama", "opt", "bart")),
     "s4_lb": Case(lambda: peftlab.get_config("s4", budget=0.05, pattern="increasing",
                                              strategies=[["L"], ["B", "L"], ["B"], ["L", "B"]]), real=False),
+    "prefix_past": Case(lambda: peftlab.get_config("prefix", mode="past", num_virtual_tokens=3, encoder_hidden=8),
+                        merge=False, zero_start_tol=None, min_cosine=None, real=False,
+                        families=("bert", "roberta", "gpt2", "llama", "opt")),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

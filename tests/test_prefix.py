@@ -145,3 +145,52 @@ def test_unsupported_families_refused_clearly(family):
     with pytest.raises(peftlab.UnsupportedArchitectureError, match="not supported"):
         peftlab.attach(m, peftlab.get_config("prefix"))
     assert not peftlab.core.slots(m)
+
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize("family,task", [("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("llama", "CAUSAL_LM"),
+                                         ("opt", "CAUSAL_LM")])
+def test_past_mode_equals_peft_prefix_tuning(family, task):
+    base = tiny_model(family)
+    x = tiny_inputs(family)
+    ours = peftlab.attach(copy.deepcopy(base), peftlab.get_config("prefix", mode="past", num_virtual_tokens=3,
+                                                                  reparameterize=False))
+    enc = ours.peftlab_shared["default__0"]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).eval()
+    w = theirs.prompt_encoder["default"].embedding.weight  # (l, layers · 2 · kv_dim), peft's layout
+    with torch.no_grad():
+        w.normal_()
+        rows = w.view(3, len(enc.shapes) * 2, -1)
+        for i, k in enumerate(enc.shapes):  # ours: per layer (2, heads, l, head_dim)
+            _, h, hd = enc.shapes[k]
+            enc.prefixes[k].copy_(rows[:, 2 * i : 2 * i + 2].reshape(3, 2, h, hd).permute(1, 2, 0, 3))
+        if task == "SEQ_CLS":
+            theirs.base_model.classifier.modules_to_save["default"].load_state_dict(ours.classifier.state_dict())
+    assert torch.allclose(out(ours, x), out(theirs, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_past_mode_generation_matches_no_cache(family):
+    from transformers import GenerationConfig
+
+    m = tiny_model(family)
+    peftlab.attach(m, peftlab.get_config("prefix", mode="past", num_virtual_tokens=3, encoder_hidden=8))
+    with torch.no_grad():
+        for p in peftlab.trainable_parameters(m).values():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    ids = tiny_inputs(family, batch=1)["input_ids"]
+    m.generation_config = GenerationConfig(pad_token_id=0)
+    gen = m.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=4, min_new_tokens=4,
+                                                                       do_sample=False, pad_token_id=0))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, m(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_past_mode_rejects_layer_subsets():
+    with pytest.raises(ValueError, match="every layer"):
+        peftlab.get_config("prefix", mode="past", layers=[0])

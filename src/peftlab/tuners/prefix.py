@@ -13,7 +13,9 @@ real tokens), and left-pads the attention mask (an explicit causal mask is built
 relies on ``is_causal``). Hence per-layer lengths, layer subsets and several prefix parts on one
 model are natural. Deviation from Hugging Face peft (documented): peft feeds the prefix as
 ``past_key_values``, which *shifts the positions* of real tokens by l; here positions are unchanged,
-so outputs differ from peft's on position-aware models. Supported: BERT/RoBERTa, GPT-2, LLaMA, OPT,
+so outputs differ from peft's on position-aware models; ``mode="past"`` reproduces peft's formulation
+instead (prefixes for every layer handed to the model as ``past_key_values`` on the input stack; one
+length for all layers; encoders and decoders), with equal outputs to peft. Supported: BERT/RoBERTa, GPT-2, LLaMA, OPT,
 BART (encoder and decoder self-attention). Cross-attention, T5 (shared relative position bias),
 DeBERTa-v2 and ViT attention do not use cache updates and are refused at attach time.
 """
@@ -100,6 +102,43 @@ class PrefixAttention(Adapter):
         return base_fn(**a, **extra)
 
 
+class PrefixPast(Adapter):
+    """``mode="past"`` (Hugging Face peft's formulation): on the input stack, the prefixes of every layer
+    are handed to the model as ``past_key_values`` (so real tokens' positions start at l)."""
+
+    def __init__(self, encoder: nn.Module, order: list[str], signature: inspect.Signature):
+        super().__init__()
+        self._encoder = [encoder]
+        self.order, self.signature = order, signature
+
+    def forward(self, slot, base_fn, *args, **kwargs):
+        from transformers import DynamicCache
+
+        a = self.signature.bind(*args, **kwargs).arguments
+        extra = a.pop("kwargs", {}) if "kwargs" in a else {}
+        ref = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
+        b = ref.shape[0]
+        past = a.get("past_key_values")
+        n = self._encoder[0].shapes[self.order[0]][0]
+        mask = a.get("attention_mask")
+        if mask is not None:
+            a["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
+        if past is None or past.get_seq_length() == 0:
+            cache = past if past is not None else DynamicCache()
+            for i, key in enumerate(self.order):
+                pk, pv = self._encoder[0].prefix(key)
+                cache.update(pk.unsqueeze(0).expand(b, -1, -1, -1), pv.unsqueeze(0).expand(b, -1, -1, -1), i)
+            a["past_key_values"] = cache
+            for k in ("position_ids", "cache_position"):
+                if a.get(k) is not None:
+                    a[k] = a[k] + n
+        else:
+            for k in ("position_ids", "cache_position"):
+                if a.get(k) is not None:
+                    a[k] = a[k] + n
+        return base_fn(**a, **extra)
+
+
 class PrefixEncoder(nn.Module):
     """Produces every targeted layer's (P_K, P_V), reparameterised by an MLP or stored flat."""
 
@@ -150,11 +189,18 @@ class PrefixConfig(MethodConfig):
     reparameterize: bool = True
     encoder_hidden: int = 512
     layer_lengths: dict[str, int] | None = None  # {layer index: prefix length} overrides
+    mode: str = "attention"  # "attention" (per layer, positions unchanged) | "past" (peft-compatible)
 
     def validate(self) -> None:
         super().validate()
         if self.num_virtual_tokens < 1:
             raise ValueError("num_virtual_tokens must be >= 1")
+        if self.mode not in ("attention", "past"):
+            raise ValueError(f"mode must be attention or past, got {self.mode!r}")
+        if self.mode == "past":
+            if self.layers is not None or self.layer_lengths:
+                raise ValueError("mode='past' prefixes every layer with one length (no layers / layer_lengths)")
+            self.accepts = ("any",)
         if self.layer_lengths:
             self.layer_lengths = {str(k): int(v) for k, v in self.layer_lengths.items()}
 
@@ -167,6 +213,23 @@ class PrefixConfig(MethodConfig):
                 f"not take a key/value cache)")
         if self.targets and any(t.startswith("cross") for t in self.targets):
             raise UnsupportedArchitectureError("prefix tuning of cross-attention is not supported")
+        if self.mode == "past" and (fam.kind == "encoder-decoder" or not fam.input_stack):
+            raise UnsupportedArchitectureError(f"mode='past' supports encoders and decoders, not {fam.name}")
+
+    def default_targets(self, model):
+        if self.mode == "past":
+            return list(family_of(model).input_stack)
+        return list(self.default_roles)
+
+    def keep(self, target) -> bool:
+        return self.mode != "past" or (target.layer is None and hasattr(target.module, "get_input_embeddings"))
+
+    def _attention_targets(self, model):
+        from ..targets import select
+
+        if self.mode == "attention":
+            return select(model, self)
+        return select(model, PrefixConfig(num_virtual_tokens=self.num_virtual_tokens))
 
     def _length(self, layer) -> int:
         if self.layer_lengths and layer is not None and str(layer) in self.layer_lengths:
@@ -174,10 +237,8 @@ class PrefixConfig(MethodConfig):
         return self.num_virtual_tokens
 
     def build_shared(self, model):
-        from ..targets import select
-
         shapes = {}
-        for t in select(model, self):
+        for t in self._attention_targets(model):
             h, hd = kv_geometry(t.module, model.config)
             shapes[_key(t.name)] = (self._length(t.layer), h, hd)
         d = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None) or model.config.n_embd
@@ -185,6 +246,8 @@ class PrefixConfig(MethodConfig):
 
     def make_adapter(self, target, shared):
         sig = inspect.signature(target.module.forward)
+        if self.mode == "past":
+            return PrefixPast(shared, list(shared.shapes), sig)
         return PrefixAttention(shared, _key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
 
     def formula_count(self, targets) -> int | None:
