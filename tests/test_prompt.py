@@ -99,3 +99,21 @@ def test_parity_with_peft_prompt_tuning(family, task):
     if task == "CAUSAL_LM":
         b = b[:, 4:]  # peft also returns logits for the virtual tokens
     assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_generate_on_smollm2(smollm, method):
+    from transformers import GenerationConfig
+
+    m = copy.deepcopy(smollm)
+    cfg = {"prefix": {"num_virtual_tokens": 4, "encoder_hidden": 16}, "prompt": {"num_virtual_tokens": 4}}[method]
+    peftlab.attach(m, peftlab.get_config(method, **cfg))
+    ids = torch.tensor([[1, 504, 3458, 314, 260]])
+    gen = m.generate(input_ids=ids, generation_config=GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                                                       pad_token_id=0, eos_token_id=None))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, m(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(gen, seq)
