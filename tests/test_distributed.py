@@ -37,3 +37,19 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
     assert res2["world_size"] == 2 and res1["world_size"] == 1
     assert res2["final"]["accuracy"] >= 0.85 and res1["final"]["accuracy"] >= 0.85
     assert abs(res2["final"]["accuracy"] - res1["final"]["accuracy"]) <= 0.08
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_early_stopping_stops_every_rank(tmp_path):
+    """Only the main process evaluates; its early-stopping decision must reach the other rank (no hang)."""
+    pytest.importorskip("accelerate")
+    cfg = {**CFG, "output_dir": str(tmp_path / "two"),
+           "train": {**CFG["train"], "max_steps": 40, "eval_every": 2, "patience": 1, "lr": 1e-12}}
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab", "train"]
+    r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert res["world_size"] == 2 and res["stopped_early"] and res["steps"] == 4 and res["best_step"] == 2
