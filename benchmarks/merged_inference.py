@@ -24,6 +24,8 @@ ts = {"base": [], "merged": []}
 with torch.no_grad():
     for i in range(8):
         for name, mod in (("base", base), ("merged", m)) if i % 2 == 0 else (("merged", m), ("base", base)):
-            t = time.perf_counter(); mod(**x); ts[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            mod(**x)
+            ts[name].append(time.perf_counter() - t)
 b, g = statistics.median(ts["base"][2:]), statistics.median(ts["merged"][2:])
 print(f"base {b*1e3:.0f} ms, GOFT merged {g*1e3:.0f} ms, ratio {g/b:.3f}")
