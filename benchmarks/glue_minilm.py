@@ -2,6 +2,7 @@
 
     python benchmarks/glue_minilm.py                                  # all methods x sst2 mrpc rte cola
     python benchmarks/glue_minilm.py --methods lora peft-lora --tasks sst2
+    python benchmarks/glue_minilm.py --data-dir .gpu/glue --results /tmp/x   # GLUE root (or task folder)
 
 SST-2 uses a fixed 8k training subset (task.subset_seed 0); other tasks their full training sets;
 1 epoch, batch 32, max length 128, linear schedule with 6% warm-up, seed 42; dev-set metrics.
@@ -35,6 +36,12 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "qgoft": ("qgoft", {"reg_lambda": {"sst2": 0.01, "cola": 0.05, "rte": 0.05, "mrpc": 0.01}},
               {"sst2": 8e-4, "cola": 8e-4, "rte": 2e-3, "mrpc": 1.2e-3}),
 }
+# S4 (paper's default preset "s4-model": [A,L] [A,P] [A,P,B] [P,B,L] over 4 spindle groups) at 0.5% of the
+# backbone, against single strategies at the same budget (every group the same one strategy); lr 5e-4 for
+# all (our choice, not tuned). Plain lora / bitfit above are the usual single-strategy baselines.
+METHODS["s4"] = ("s4", {"preset": "s4-model", "budget": 0.005}, 5e-4)
+for _n, _s in (("adapter", "A"), ("prefix", "P"), ("lora", "L")):
+    METHODS[f"s4-{_n}"] = ("s4", {"budget": 0.005, "strategies": [[_s]] * 4}, 5e-4)
 # PST vs magnitude pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs), METHODS.md §4
 for _s in (50, 70, 90):
     METHODS[f"pst-{_s}"] = ("pst", {"final_sparsity": _s / 100}, 5e-4)
@@ -61,13 +68,13 @@ def _peft_build_model(cfg, data):
     return peft.get_peft_model(model, pcfg), tok
 
 
-def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int) -> dict:
+def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, data_dir: str | None = None) -> dict:
     name, args, lr = METHODS[method]
     lr = _per_task(lr, task)
     args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
         "model": "minilm", "method": name, "method_args": args,
-        "task": {"name": task, **TASKS[task]},
+        "task": {"name": task, **TASKS[task], **({"data_dir": data_dir} if data_dir else {})},
         "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "max_length": 128, "warmup_ratio": 0.06,
                   "schedule": "linear", "seed": seed, "progress": False},
         "output_dir": str(out_root / f"{task}-{method}-s{seed}"),
@@ -82,7 +89,10 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int) ->
         res["wall_s"] = time.perf_counter() - t0
     finally:
         loop.build_model, loop._save_best = original, original_save
-    res.update(bench_method=method, lr=lr, epochs=epochs, seed=seed)
+    import torch
+
+    res.update(bench_method=method, lr=lr, epochs=epochs, seed=seed, torch=torch.__version__,
+               device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return res
 
 
@@ -119,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="runs/glue_minilm")
     ap.add_argument("--results", default=str(RESULTS / "glue_minilm"))
+    ap.add_argument("--data-dir", default=None,
+                    help="GLUE root (holding SST-2/, MRPC/ ...) or a task folder; default ../shared/data beside the checkout")
     args = ap.parse_args(argv)
     res_path = Path(args.results)
     res_path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
             import shutil
 
             shutil.rmtree(Path(args.out) / f"{task}-{m}-s{args.seed}", ignore_errors=True)
-            r = run_one(m, task, args.epochs, Path(args.out), args.seed)
+            r = run_one(m, task, args.epochs, Path(args.out), args.seed, args.data_dir)
             with open(jl, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps({k: r[k] for k in ("bench_method", "task", "final", "train_time_s", "trainable_params")}), flush=True)

