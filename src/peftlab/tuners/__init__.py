@@ -1,3 +1,3 @@
 """Built-in methods. Importing a module registers its config; this list is the only place to add one."""
 
-from . import adapter, bitfit, dora, goft, ia3, lora, parallel_adapter, prefix, prompt, pst, s4  # noqa: F401
+from . import adapter, bitfit, dora, goft, ia3, lora, meft, parallel_adapter, prefix, prompt, pst, s4  # noqa: F401
