@@ -50,6 +50,13 @@ CASES: dict[str, Case] = {
     "prefix_past": Case(lambda: peftlab.get_config("prefix", mode="past", num_virtual_tokens=3, encoder_hidden=8),
                         merge=False, zero_start_tol=None, min_cosine=None, real=False,
                         families=("bert", "roberta", "gpt2", "llama", "opt")),
+    # MEFT starts close to (not at) the base model: cosine bound, not equality (METHODS.md §2.2)
+    "meft1": Case(lambda: peftlab.get_config("meft", variant=1, r=4), merge=False, zero_start_tol=None,
+                  min_cosine=0.9, families=("bert", "roberta", "llama")),
+    "meft2": Case(lambda: peftlab.get_config("meft", variant=2, r=4), merge=False, zero_start_tol=None,
+                  min_cosine=0.9, families=("bert", "roberta", "llama"), real=False),
+    "meft3": Case(lambda: peftlab.get_config("meft", variant=3, r=4, reversible_layers=2), merge=False,
+                  zero_start_tol=None, min_cosine=0.9, families=("bert", "roberta", "llama"), real=False),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
 }

@@ -289,3 +289,11 @@ def test_cli_methods_lists_registry():
     res = subprocess.run([sys.executable, "-m", "peftlab", "methods"], capture_output=True, text=True, check=True)
     for name in peftlab.methods():
         assert name in res.stdout
+
+
+def test_new_adapters_follow_the_models_train_eval_mode():
+    """An adapter attached to a model in eval mode must not run its dropout (found with MEFT's adapters)."""
+    for training in (False, True):
+        model = tiny_model("bert").train(training)
+        peftlab.attach(model, peftlab.LoRAConfig(r=4, dropout=0.5))
+        assert all(m.training == training for m in model.modules())

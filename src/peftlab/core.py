@@ -134,12 +134,13 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default") -> nn.
             targets = select(model, part)
             sh = part.build_shared(model)
             if sh is not None:
+                sh.train(model.training)  # new modules follow the model's train/eval mode (dropout)
                 shared_modules(model)[shared_key(name, pi)] = sh
             key = name if pi == 0 else f"{name}__{pi}"
             for t in targets:
                 slot = _ensure_slot(model, t.name)
                 touched.append(t.name)
-                slot.add(key, part.make_adapter(t, sh))
+                slot.add(key, part.make_adapter(t, sh).train(model.training))
         st.heads[name] = head_modules(model, config)
     except BaseException:
         _remove_from_slots(model, name, touched)

@@ -9,9 +9,11 @@ FAMILIES = ("bert", "roberta", "deberta-v2", "gpt2", "llama", "opt", "bart", "t5
 H, L, HEADS, FF, VOCAB = 32, 4, 4, 64, 101
 
 
-def tiny_model(family: str, seed: int = 0) -> nn.Module:
-    """A small randomly initialized model (hidden 32, 4 blocks; enc-dec: 2 + 2) in eval mode."""
+def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Module:
+    """A small randomly initialized model (hidden 32, 4 blocks or ``layers``; enc-dec: 2 + 2) in eval mode."""
     import transformers as tf
+
+    L = layers or globals()["L"]  # noqa: N806
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB)

@@ -295,4 +295,4 @@ def _check(stack: MEFTStack, inputs, h0, dy1, dy2) -> None:
         warnings.warn(
             f"MEFT{stack.variant}: reversible reconstruction error {err:.2e} exceeds {stack.reconstruction_tol:g} "
             f"({stack.k} reversible layers, λ={stack.lam}, β={stack.beta}); gradients are inaccurate. "
-            "Lower `reversible_layers` (hybrid depth) or train in fp32.", RuntimeWarning, stacklevel=2)
+            "Lower `reversible_layers` (hybrid depth), keep stream_dtype='float64', or use MEFT1/2 (one division per block).", RuntimeWarning, stacklevel=2)
