@@ -63,7 +63,7 @@ class Slot(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self._live: tuple[str, ...] = ()
-        self.training = base.training
+        self.training = self.adapters.training = base.training
 
     def __getattr__(self, name: str):
         """Transparent to attribute reads: HF code may read ``self.q_proj.in_features`` etc."""
