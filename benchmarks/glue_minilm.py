@@ -42,6 +42,10 @@ METHODS: dict[str, tuple[str, dict, float]] = {
 METHODS["s4"] = ("s4", {"preset": "s4-model", "budget": 0.005}, 5e-4)
 for _n, _s in (("adapter", "A"), ("prefix", "P"), ("lora", "L")):
     METHODS[f"s4-{_n}"] = ("s4", {"budget": 0.005, "strategies": [[_s]] * 4}, 5e-4)
+# MEFT (METHODS.md §2.6: r = 8, lr grid 5e-4..8e-4; we take 8e-4 for the 1-epoch budget). MEFT3 runs its
+# bottom 2 of 6 blocks reversibly: fully reversible MEFT3 (÷0.01 per block) loses the gradient (docs/meft.md).
+for _v in (1, 2, 3):
+    METHODS[f"meft{_v}"] = ("meft", {"variant": _v, **({"reversible_layers": 2} if _v == 3 else {})}, 8e-4)
 # PST vs magnitude pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs), METHODS.md §4
 for _s in (50, 70, 90):
     METHODS[f"pst-{_s}"] = ("pst", {"final_sparsity": _s / 100}, 5e-4)

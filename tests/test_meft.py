@@ -144,7 +144,7 @@ def test_instability_is_detected_and_explained():
     model, inputs = _model("bert", 3, torch.float32, stream_dtype="float32", lam=1e-3, beta=1e-3)
     with pytest.warns(RuntimeWarning, match="reconstruction error"):
         _grads(model, inputs, k=4)
-    assert _stack(model).last_reconstruction_error > 1e-2
+    assert _stack(model).last_reconstruction_error > 0.1
     model, inputs = _model("bert", 1, torch.float32, lam=1e-300)  # 1/λ overflows: inf in the rebuilt inputs
     with pytest.raises(ReversibleInstabilityError, match="reversible_layers"):
         _grads(model, inputs, k=4)

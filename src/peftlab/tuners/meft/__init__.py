@@ -52,7 +52,9 @@ class MEFTConfig(MethodConfig):
         reversible_layers: bottom blocks run reversibly (None = all; 0 = same model, ordinary autograd).
         adapter_dropout: None = the backbone's ``hidden_dropout_prob`` (0 where it has none).
         layernorm_in_adapter: LayerNorm at the standalone adapter's input (reference flag, default off).
-        reconstruction_tol: relative error of the rebuilt embedding output above which a warning is given.
+        reconstruction_tol: relative (max-abs) error of the rebuilt embedding output above which a warning
+            is given. Measured on MiniLM: errors up to 2.4e-2 left every gradient tensor at cosine ≥ 0.99998
+            with ordinary autograd; fully reversible MEFT3 (error ~60) at 0.29.
         check_reconstruction: save h₀ and measure the reconstruction error in every backward.
         stream_dtype: dtype of the two streams inside the reversible part, "float64" (default, our
             choice [I]: see :mod:`.reversible`) or "float32" (the reference code's precision).
@@ -68,7 +70,7 @@ class MEFTConfig(MethodConfig):
     adapter_dropout: float | None = None
     layernorm_in_adapter: bool = False
     init_std: float = 0.02
-    reconstruction_tol: float = 1e-2
+    reconstruction_tol: float = 0.1
     check_reconstruction: bool = True
     stream_dtype: str = "float64"
 
