@@ -121,3 +121,21 @@ CASES.update({
     "prompt": {"ours": prompt_ours, "peft": prompt_peft, "ref": "lora"},
     "adapter": {"ours": adapter_ours, "peft": None, "ref": "lora"},
 })
+
+
+def head_only(m):
+    """No adapter at all, only the task head trains: the floor of any adapter's step time."""
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("classifier"))
+    return m
+
+
+def meft1_ours(m):
+    return peftlab.attach(m, peftlab.get_config("meft", variant=1))
+
+
+CASES.update({
+    # "floor" vs peft's LoRA: the step-time ratio no LoRA implementation can beat (frozen base + head)
+    "floor": {"ours": head_only, "peft": lora_peft, "ref": "lora", "peft_name": "LoRA"},
+    "meft1": {"ours": meft1_ours, "peft": None, "ref": "lora"},
+})
