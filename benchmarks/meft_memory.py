@@ -38,6 +38,9 @@ METHODS = {
     "meft1": {"method": "meft", "variant": 1},
     "meft2": {"method": "meft", "variant": 2},
     "meft3": {"method": "meft", "variant": 3},
+    # hybrid depths that stay accurate (benchmarks/results/meft_stability.md); skipped where k > blocks
+    "meft3-k2": {"method": "meft", "variant": 3, "reversible_layers": 2},
+    "meft1-k12": {"method": "meft", "variant": 1, "reversible_layers": 12},
 }
 BATCH = {"minilm": 8, "smollm2-135m": 1}
 SMOLLM_CACHE = Path("runs/smollm2-135m-fp32")  # the dequantized GGUF, saved once (loading GGUF takes ~25 s)
@@ -49,8 +52,14 @@ def _load(name: str):
     if name == "smollm2-135m":
         import transformers as tf
 
-        if not (SMOLLM_CACHE / "config.json").is_file():
-            load_model(name).save_pretrained(SMOLLM_CACHE)
+        if not (SMOLLM_CACHE / "config.json").is_file():  # GGUF-loaded models refuse save_pretrained
+            from safetensors.torch import save_model
+
+            m = load_model(name)
+            m.config.__dict__.pop("quantization_config", None)
+            SMOLLM_CACHE.mkdir(parents=True, exist_ok=True)
+            m.config.save_pretrained(SMOLLM_CACHE)
+            save_model(m, str(SMOLLM_CACHE / "model.safetensors"))
         return tf.AutoModelForCausalLM.from_pretrained(SMOLLM_CACHE, dtype=torch.float32)
     return load_model(name)
 
@@ -70,6 +79,8 @@ def one(model_name: str, method: str, seq: int, steps: int) -> dict:
         model = model.cuda()
     if METHODS[method] is not None:
         args = dict(METHODS[method])
+        if args.get("reversible_layers", 0) > model.config.num_hidden_layers:
+            return {}
         peftlab.attach(model, peftlab.get_config(args.pop("method"), **args))
     model.train()
     dev = next(model.parameters()).device
@@ -145,6 +156,8 @@ def main(argv=None) -> int:
                 if r.returncode or not line:
                     print(f"{m} {meth} {seq}: failed\n{r.stderr[-2000:]}", file=sys.stderr)
                     continue
+                if line[0] == "RESULT {}":
+                    continue  # not applicable to this model
                 rows.append(json.loads(line[0][7:]))
                 print(json.dumps(rows[-1]), flush=True)
     res = Path(a.results)
