@@ -142,3 +142,10 @@ def test_cli_explore(tiny_bert_dir, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "report:" in r.stdout and len((tmp_path / "ex" / "trials.jsonl").read_text().splitlines()) == 5
+
+
+def test_python_dash_m_peftlab_cli_knows_every_command():
+    """`python -m peftlab.cli` runs the module as __main__; extensions (explore) must still register."""
+    r = subprocess.run([sys.executable, "-m", "peftlab.cli", "explore", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--backend" in r.stdout, r.stderr[-2000:]

@@ -52,5 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m peftlab.cli`: run the package's module, where extensions register
+    from peftlab.cli import main as _main
+
+    sys.exit(_main())
