@@ -9,6 +9,11 @@ import sys
 import pytest
 import yaml
 
+# `peftlab train` under accelerate with 2 CPU processes (also used by tests/test_meft.py)
+LAUNCH_TRAIN_2PROC = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab",
+                      "train"]
+
 CFG = {
     "model": "minilm", "method": "lora", "method_args": {"r": 4, "targets": ["q", "v"]},
     "task": {"name": "demo", "train_limit": 160, "eval_limit": 96},
@@ -25,8 +30,7 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
     one = {**CFG, "output_dir": str(tmp_path / "one"), "train": {**CFG["train"], "batch_size": 16}}  # same global batch
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab", "train"]
+    launch = LAUNCH_TRAIN_2PROC
     r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "peftlab", "train", str(tmp_path / "one.yaml")],
@@ -47,8 +51,7 @@ def test_two_process_early_stopping_stops_every_rank(tmp_path):
     cfg = {**CFG, "output_dir": str(tmp_path / "two"),
            "train": {**CFG["train"], "max_steps": 40, "eval_every": 2, "patience": 1, "lr": 1e-12}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab", "train"]
+    launch = LAUNCH_TRAIN_2PROC
     r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "two" / "results.json").read_text())

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from test_distributed import LAUNCH_TRAIN_2PROC
 from torch import nn
 
 import peftlab
@@ -215,9 +215,7 @@ def test_two_process_accelerate(tmp_path):
                      "progress": False},
            "output_dir": str(tmp_path / "two")}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "peftlab", "train"]
-    r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([*LAUNCH_TRAIN_2PROC, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "two" / "results.json").read_text())
     assert res["world_size"] == 2 and res["final"]["accuracy"] >= 0.75, res

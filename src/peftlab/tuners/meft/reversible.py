@@ -231,7 +231,6 @@ class _ReversibleStack(torch.autograd.Function):
         y1, y2 = saved[0], saved[1]
         kw = _kw_from(meta, saved[2 : 2 + n_kw])
         flat_grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        inputs = None
         dev, pdt = y1.device, ctx.pdt
         sdt = y1.dtype
         dy1 = torch.zeros_like(y1) if dy1 is None else dy1.to(sdt)
