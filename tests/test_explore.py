@@ -81,6 +81,9 @@ def test_stagewise_exploration_local_with_report(tiny_bert_dir, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "ex" / "trials.jsonl").read_text().splitlines()]
     assert len(recs) == 5 * 2 + 2 * 2 * 2  # 5 patterns x 2 samples, then 2 groups x 2 candidates x 2
     assert all("score" in r and 0 <= r["score"] <= 100 for r in recs)
+    # sample-major order: every pattern's sample k before any sample k+1 (an early stop stays balanced)
+    assert [r["id"].rsplit("/", 1)[1] for r in recs[:10]] == ["0"] * 5 + ["1"] * 5
+    assert len({r["candidate"] for r in recs[:5]}) == 5
     assert summary["chosen"]["pattern"] in ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
     assert len(summary["chosen"]["strategies"]) == 2
     later = [r for r in recs if r["stage"].startswith("strategies")]

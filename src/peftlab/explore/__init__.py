@@ -75,10 +75,12 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
     stages_out = []
 
     def run_stage(stage_name: str, cands: list, make_space) -> Any:
+        # sample-major order (k = 0 of every candidate, then k = 1, ...): an exploration stopped early
+        # still compares candidates on equal numbers of trials
         jobs = []
-        for c in cands:
-            sp = make_space(c)
-            for k in range(cfg.samples):
+        spaces = [(c, make_space(c)) for c in cands]
+        for k in range(cfg.samples):
+            for c, sp in spaces:
                 key = f"{cfg.seed}/{stage_name}/{_label(c)}/{k}"
                 jobs.append({"id": key, "stage": stage_name, "candidate": _label(c), "s4": sample(sp, key),
                              "model": cfg.model, "tasks": cfg.tasks, "train": cfg.train,
