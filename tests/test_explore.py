@@ -89,6 +89,11 @@ def test_stagewise_exploration_local_with_report(tiny_bert_dir, tmp_path):
     later = [r for r in recs if r["stage"].startswith("strategies")]
     assert all(r["s4"]["pattern"] == summary["chosen"]["pattern"] for r in later)  # earlier choice fixed
     report = (tmp_path / "ex" / "report.md").read_text()
+    assert "| mean demo |" in report  # per-task mean columns
+    pat = json.loads((tmp_path / "ex" / "summary.json").read_text())["stages"][0]["stats"]
+    for lab, st in pat.items():  # per-task means agree with the trial log
+        mine = [r["scores"]["demo"] for r in recs if r["stage"] == "pattern" and r["candidate"] == lab]
+        assert st["tasks"]["demo"] == pytest.approx(sum(mine) / len(mine))
     assert "Stage pattern" in report and (tmp_path / "ex" / "edf_pattern.png").stat().st_size > 1000
 
 

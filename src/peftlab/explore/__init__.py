@@ -90,6 +90,10 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
                               and "score" in recs.get(j["id"], {})] for c in cands}
         failed = sum(1 for j in jobs if "error" in recs.get(j["id"], {}))
         stats = {lab: summarize(s) for lab, s in groups.items()}
+        for lab, st in stats.items():  # per-task mean dev metric: shows which task separates the candidates
+            recs_c = [recs[j["id"]] for j in jobs if j["candidate"] == lab and "score" in recs.get(j["id"], {})]
+            if recs_c:
+                st["tasks"] = {t: sum(r["scores"][t] for r in recs_c) / len(recs_c) for t in recs_c[0]["scores"]}
         ok = [c for c in cands if stats[_label(c)].get("n")]
         if not ok:
             raise PeftlabError(f"stage {stage_name}: every trial failed; see {log}")
@@ -123,11 +127,15 @@ def report(cfg: ExploreConfig, summary: dict) -> str:
     lines = [f"# Design-space exploration ({cfg.model}; tasks {', '.join(t['name'] for t in cfg.tasks)}; "
              f"{cfg.samples} samples per candidate; backend {cfg.backend})", ""]
     for st in summary["stages"]:
+        tasks = [t["name"] for t in cfg.tasks]
         lines += [f"## Stage {st['stage']} — chosen: **{st['chosen']}**" + (f" ({st['failed']} failed trials)" if st["failed"] else ""), "",
-                  "| candidate | n | mean score | std | median | best | worst |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| candidate | n | mean score | std | median | best | worst | " + " | ".join(f"mean {t}" for t in tasks) + " |",
+                  "|---|" + "---:|" * (6 + len(tasks))]
         for lab, s in sorted(st["stats"].items(), key=lambda kv: -kv[1].get("mean", -1e9)):
             if s.get("n"):
-                lines.append(f"| {lab} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {s['median']:.2f} | {s['best']:.2f} | {s['worst']:.2f} |")
+                per_task = " | ".join(f"{s.get('tasks', {}).get(t, float('nan')):.3f}" for t in tasks)
+                lines.append(f"| {lab} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {s['median']:.2f} | {s['best']:.2f} "
+                             f"| {s['worst']:.2f} | {per_task} |")
         if st["plot"]:
             lines += ["", f"![EDF of error, stage {st['stage']}]({st['plot']})"]
         lines.append("")
