@@ -30,8 +30,7 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
     one = {**CFG, "output_dir": str(tmp_path / "one"), "train": {**CFG["train"], "batch_size": 16}}  # same global batch
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(one))
-    launch = LAUNCH_TRAIN_2PROC
-    r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([*LAUNCH_TRAIN_2PROC, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "peftlab", "train", str(tmp_path / "one.yaml")],
                        capture_output=True, text=True, timeout=900)
@@ -51,8 +50,7 @@ def test_two_process_early_stopping_stops_every_rank(tmp_path):
     cfg = {**CFG, "output_dir": str(tmp_path / "two"),
            "train": {**CFG["train"], "max_steps": 40, "eval_every": 2, "patience": 1, "lr": 1e-12}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
-    launch = LAUNCH_TRAIN_2PROC
-    r = subprocess.run([*launch, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*LAUNCH_TRAIN_2PROC, str(tmp_path / "two.yaml")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "two" / "results.json").read_text())
     assert res["world_size"] == 2 and res["stopped_early"] and res["steps"] == 4 and res["best_step"] == 2

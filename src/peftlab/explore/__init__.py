@@ -86,14 +86,14 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
                              "model": cfg.model, "tasks": cfg.tasks, "train": cfg.train,
                              "out": str(out / "trials" / key.replace("/", "_"))})
         recs = execute(jobs, log, cfg.backend, cfg.workers, cfg.ray_address, progress)
-        groups = {_label(c): [recs[j["id"]]["score"] for j in jobs if j["candidate"] == _label(c)
+        scored = {_label(c): [recs[j["id"]] for j in jobs if j["candidate"] == _label(c)
                               and "score" in recs.get(j["id"], {})] for c in cands}
+        groups = {lab: [r["score"] for r in rs] for lab, rs in scored.items()}
         failed = sum(1 for j in jobs if "error" in recs.get(j["id"], {}))
         stats = {lab: summarize(s) for lab, s in groups.items()}
-        for lab, st in stats.items():  # per-task mean dev metric: shows which task separates the candidates
-            recs_c = [recs[j["id"]] for j in jobs if j["candidate"] == lab and "score" in recs.get(j["id"], {})]
-            if recs_c:
-                st["tasks"] = {t: sum(r["scores"][t] for r in recs_c) / len(recs_c) for t in recs_c[0]["scores"]}
+        for lab, rs in scored.items():  # per-task mean dev metric: shows which task separates the candidates
+            if rs:
+                stats[lab]["tasks"] = {t: sum(r["scores"][t] for r in rs) / len(rs) for t in rs[0]["scores"]}
         ok = [c for c in cands if stats[_label(c)].get("n")]
         if not ok:
             raise PeftlabError(f"stage {stage_name}: every trial failed; see {log}")
