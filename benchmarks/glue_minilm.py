@@ -46,11 +46,13 @@ for _n, _s in (("adapter", "A"), ("prefix", "P"), ("bitfit", "B"), ("lora", "L")
 # bottom 2 of 6 blocks reversibly: fully reversible MEFT3 (÷0.01 per block) loses the gradient (docs/meft.md).
 for _v in (1, 2, 3):
     METHODS[f"meft{_v}"] = ("meft", {"variant": _v, **({"reversible_layers": 2} if _v == 3 else {})}, 8e-4)
-# PST vs magnitude pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs), METHODS.md §4
+# PST vs magnitude and movement pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs),
+# METHODS.md §4; the full-size-update baselines use the full fine-tuning learning rate
 for _s in (50, 70, 90):
     METHODS[f"pst-{_s}"] = ("pst", {"final_sparsity": _s / 100}, 5e-4)
     METHODS[f"mag-lora-{_s}"] = ("magnitude_prune", {"final_sparsity": _s / 100, "update": "lora"}, 5e-4)
     METHODS[f"mag-full-{_s}"] = ("magnitude_prune", {"final_sparsity": _s / 100, "update": "full"}, 5e-5)
+    METHODS[f"mov-{_s}"] = ("movement_prune", {"final_sparsity": _s / 100}, 5e-5)
 
 
 def _per_task(v, task):

@@ -37,6 +37,7 @@ CASES: dict[str, Case] = {
                                                         activation="gelu"), merge=False, real=False),
     "pst": Case(lambda: peftlab.get_config("pst", r1=2, r2=2)),
     "magnitude_prune": Case(lambda: peftlab.get_config("magnitude_prune", r=2), real=False),
+    "movement_prune": Case(lambda: peftlab.get_config("movement_prune"), real=False),
     "prefix": Case(lambda: peftlab.get_config("prefix", num_virtual_tokens=3, encoder_hidden=16), merge=False,
                    zero_start_tol=None, min_cosine=None, families=("bert", "roberta", "gpt2", "llama", "opt", "bart")),
     "prefix_flat": Case(lambda: peftlab.get_config("prefix", num_virtual_tokens=2, reparameterize=False, layers=[1, 2]),

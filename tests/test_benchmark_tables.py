@@ -23,3 +23,24 @@ def test_columns_per_task_and_epochs_last_record_wins():
     cells = [c.strip() for c in lora.split("|")[1:-1]]
     assert cells == ["lora", "1,234", "0.790", "0.810 / acc 0.500", "0.850 / acc 0.500", "—", "30"]  # time: last record per cell
     assert [c.strip() for c in full.split("|")[1:-1]][2:6] == ["—", "—", "—", "0.250"]
+
+
+def test_pst_table_rows_per_sparsity_with_export_columns():
+    import pst_table
+
+    def row(m, task, acc, f1=None, trainable=100, adapter=50, total=1050):
+        final = {"accuracy": acc, **({"f1": f1} if f1 is not None else {})}
+        return {"bench_method": m, "task": task, "epochs": 1.0, "final": final, "trainable_params": trainable,
+                "total_params": total, "adapter_params": adapter}
+
+    rows = [row("pst-90", "sst2", 0.78), row("pst-90", "mrpc", 0.70, 0.81), row("mag-lora-90", "sst2", 0.73),
+            row("pst-50", "sst2", 0.80)]
+    refs = [row("lora", "sst2", 0.79, trainable=10, adapter=8), row("full", "sst2", 0.83, trainable=1000, adapter=None, total=1000)]
+    exports = {"sst2/pst-90": {"sparsity": 0.9, "compact_ratio": 0.131, "compact_bytes": 2**20}}
+    lines = pst_table.to_markdown(rows, refs, exports).splitlines()
+    cells = [[c.strip() for c in x.split("|")[1:-1]] for x in lines[2:7]]
+    assert cells[0][:5] == ["0%", "dense LoRA r=8 (q, v)", "10 (0.96%)", "0.790", "—"]
+    assert cells[1][2] == "1,000 (100.00%)"
+    assert [c[:2] for c in cells[2:]] == [["50%", "PST"], ["90%", "PST"], ["90%", "magnitude + LoRA update"]]
+    assert cells[3][3:] == ["0.780", "0.810 / 0.700", "0.9000", "0.131 (1.0 MiB)"]
+    assert cells[4][5:] == ["—", "—"]  # not exported: no size claimed

@@ -59,17 +59,23 @@ def test_realised_sparsity_per_layer_is_exact_and_training_steps_set_it():
     assert cfg.final_sparsity == 0.9
 
 
-def test_straight_through_gradient_of_scores():
-    layer = PSTLayer(6, 5, 2, 2, 1.0, 1.0, 1.0).double()
+def _backward_at_half_sparsity(layer, randomize):
+    """Randomize the named (zero-initialised) parameters, set sparsity 0.5, backprop a linear map of a (6, 5) W."""
     with torch.no_grad():
-        layer.V.normal_()
-        layer.B.normal_()
+        for name in randomize:
+            getattr(layer, name).normal_()
         layer.sparsity.fill_(0.5)
     w = torch.randn(6, 5, dtype=torch.float64)
     x = torch.randn(3, 5, dtype=torch.float64)
     w_eff = layer.masked_weight(w)
     w_eff.retain_grad()
     (x @ w_eff.t()).sum().backward()
+    return w, w_eff
+
+
+def test_straight_through_gradient_of_scores():
+    layer = PSTLayer(6, 5, 2, 2, 1.0, 1.0, 1.0).double()
+    w, w_eff = _backward_at_half_sparsity(layer, ("V", "B"))
     wt = (w + layer.U @ layer.V).detach()
     # ∂L/∂S = ∂L/∂W_eff ⊙ W̃, and S = |W̃| + A B + R 1ᵀ + 1 Cᵀ: R's gradient is its row sums
     dS = w_eff.grad * wt
@@ -176,3 +182,90 @@ def test_pst_trains_through_the_loop_hooks():
     after = peftlab.trainable_parameters(m)
     assert all(not torch.equal(before[n], after[n]) for n in before if n.endswith((".U", ".V", ".A", ".B", ".R", ".C")))
     assert sparse.sparsity_report(m)["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+# ---------------------------------------------------------------- movement pruning baseline
+def test_movement_scores_get_the_straight_through_movement_gradient():
+    from peftlab.tuners.movement import MovementLayer
+
+    layer = MovementLayer(6, 5).double()
+    w, w_eff = _backward_at_half_sparsity(layer, ("delta", "scores"))
+    wt = (w + layer.delta).detach()
+    assert torch.allclose(layer.scores.grad, w_eff.grad * wt)  # ∂ℒ/∂S = ∂ℒ/∂(M⊙W') ⊙ W'
+    kept = top_mask(layer.scores.detach(), 0.5)
+    assert torch.equal(w_eff.detach() != 0, kept.bool() & (wt != 0))  # pruned where the scores are lowest
+    assert torch.equal(layer.delta.grad, w_eff.grad * kept)  # pruned weights get no update
+
+
+def test_movement_pruning_keeps_weights_that_move_away_from_zero():
+    """Weights trained away from zero gain score; the ones pushed towards zero are the ones pruned."""
+    m = tiny_model("bert")
+    peftlab.attach(m, peftlab.get_config("movement_prune", final_sparsity=0.5, warmup=0.5, cooldown=0.0,
+                                         targets=["q"]))
+    slot = m.bert.encoder.layer[0].attention.self.query
+    w = slot.weight_oi().detach().clone()
+    target = w * torch.where(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.5, 2.0, 0.0)
+    layer = slot.adapters["default"]
+    opt = torch.optim.SGD([layer.delta, layer.scores], lr=0.05)
+    for _ in range(20):  # the warm-up, at sparsity 0: only the scores' movement accumulates
+        opt.zero_grad()
+        (layer.masked_weight(slot.weight_oi()) - target).pow(2).sum().backward()
+        opt.step()
+    peftlab.on_train_step(m, 10, 10)
+    mask = layer.mask(slot.weight_oi())
+    grew = target != 0
+    assert int((mask == 0).sum()) == w.numel() // 2
+    assert (mask[grew] == 1).float().mean() > 0.95  # what moved away from zero survives
+
+
+def test_movement_prune_trains_only_its_scores_delta_and_head():
+    m = tiny_model("bert")
+    peftlab.attach(m, peftlab.get_config("movement_prune"))
+    names = peftlab.trainable_parameters(m)
+    assert all(n.endswith((".delta", ".scores")) or n.startswith("classifier") for n in names)
+    row = peftlab.report(m).adapters[0]
+    assert row.params == row.formula == 4 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+
+
+@pytest.mark.parametrize("method", ["pst", "movement_prune"])
+def test_export_all_sizes(method, tmp_path):
+    m = tiny_model("bert")
+    peftlab.attach(m, peftlab.get_config(method))
+    peftlab.on_train_step(m, 10, 10)
+    s = sparse.export_all(m, tmp_path / "x")
+    assert s["zeros"] == sparse.sparsity_report(m)["zeros"] and s["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert s["compact_bytes"] == (tmp_path / "x" / "sparse.safetensors").stat().st_size
+    assert s["compact_ratio"] <= 0.2 and (tmp_path / "x" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_cli_export_sparse_of_a_trained_run(tmp_path):
+    """Train PST on MiniLM for a few steps, export with the CLI, load the HF folder: same logits, same zeros."""
+    import json
+    import subprocess
+    import sys
+
+    import transformers
+
+    from peftlab.commands import _load_run
+    from peftlab.train import run
+
+    cfg = {"model": "minilm", "method": "pst", "method_args": {"final_sparsity": 0.7, "r1": 4, "r2": 4},
+           "task": {"name": "demo", "train_limit": 64, "eval_limit": 32},
+           "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "max_length": 24, "seed": 1, "progress": False},
+           "output_dir": str(tmp_path / "run")}
+    run(cfg)
+    r = subprocess.run([sys.executable, "-m", "peftlab", "export-sparse", str(tmp_path / "run"), str(tmp_path / "exp")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout)
+    assert summary["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    model, tok, _, _ = _load_run(tmp_path / "run", [])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "exp" / "hf").eval()
+    enc = tok(["a fine film", "dull"], return_tensors="pt", padding=True)
+    assert torch.allclose(out(hf, enc), out(model, enc), atol=1e-5)
+    assert sum(int((hf.get_submodule(p).weight == 0).sum()) for p in sparse.sparsity_report(model)["layers"]) \
+        == summary["zeros"]
+    r = subprocess.run([sys.executable, "-m", "peftlab", "export-sparse", str(tmp_path / "nope"), str(tmp_path / "e2")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "not a run directory" in r.stderr

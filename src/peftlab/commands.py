@@ -1,4 +1,4 @@
-"""Subcommands ``train``, ``eval`` and ``predict`` of the ``peftlab`` CLI."""
+"""Subcommands ``train``, ``eval``, ``predict`` and ``export-sparse`` of the ``peftlab`` CLI."""
 
 from __future__ import annotations
 
@@ -135,6 +135,19 @@ def _predict(args) -> int:
     return 0
 
 
+def _export_sparse(args) -> int:
+    from . import sparse
+
+    try:
+        model, _, _, _ = _load_run(Path(args.run_dir), [])
+        summary = sparse.export_all(model, args.out)
+    except PeftlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _extend(sub) -> None:
     t = sub.add_parser("train", help="train as configured by a YAML file")
     t.add_argument("config", help="YAML run config (see docs/training.md)")
@@ -152,6 +165,11 @@ def _extend(sub) -> None:
     p.add_argument("texts", nargs="*", help="sentences (a pair: 'first ||| second')")
     p.add_argument("--file", help="one input per line")
     p.set_defaults(func=_predict)
+    x = sub.add_parser("export-sparse", help="write a sparsity-trained run (pst, magnitude/movement pruning) as a "
+                       "plain HF model folder (OUT/hf) and a compact sparse file (OUT/sparse.safetensors)")
+    x.add_argument("run_dir", help="a run directory whose method is a sparsity method")
+    x.add_argument("out", help="output folder")
+    x.set_defaults(func=_export_sparse)
 
 
 _EXTENSIONS.append(_extend)

@@ -120,3 +120,25 @@ def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise PeftlabError(f"{p}: compact weight {tuple(w.shape)} does not fit {tuple(target.shape)}")
         target.copy_(w.to(target.dtype))
     return model
+
+
+def export_all(model: nn.Module, out_dir: str | os.PathLike) -> dict:
+    """Both export forms into ``out_dir`` (``hf/`` and ``sparse.safetensors``) and their sizes.
+
+    ``dense_layers_bytes`` is the fp32 size of the sparsified layers' weights, the baseline the compact
+    file is measured against (``compact_ratio``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = sparsity_report(model)
+    hf = export_hf(model, out / "hf")
+    compact = save_compact(model, out / "sparse.safetensors")
+    dense = 4 * rep["total"]
+    summary = {
+        "sparsity": rep["sparsity"], "zeros": rep["zeros"], "total": rep["total"],
+        "hf_bytes": sum(f.stat().st_size for f in hf.iterdir() if f.is_file()),
+        "compact_bytes": compact.stat().st_size, "dense_layers_bytes": dense,
+        "compact_ratio": compact.stat().st_size / dense,
+    }
+    (out / "export_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

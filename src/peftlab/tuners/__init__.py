@@ -1,3 +1,17 @@
 """Built-in methods. Importing a module registers its config; this list is the only place to add one."""
 
-from . import adapter, bitfit, dora, goft, ia3, lora, meft, parallel_adapter, prefix, prompt, pst, s4  # noqa: F401
+from . import (  # noqa: F401
+    adapter,
+    bitfit,
+    dora,
+    goft,
+    ia3,
+    lora,
+    meft,
+    movement,
+    parallel_adapter,
+    prefix,
+    prompt,
+    pst,
+    s4,
+)

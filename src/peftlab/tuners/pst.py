@@ -101,7 +101,7 @@ class PSTLayer(SparseLinear):
         wt = w.float() + self.beta * (self.U @ self.V)
         s = wt.abs() + self.alpha1 * (self.A @ self.B) + self.alpha2 * (self.R[:, None] + self.C[None, :])
         hard = top_mask(s, float(self.sparsity))
-        m = hard + s - s.detach()  # straight-through: value = hard mask, ∂M/∂S = 1
+        m = hard + (s - s.detach())  # straight-through: value exactly the hard mask, ∂M/∂S = 1
         return m * wt
 
 
