@@ -73,6 +73,10 @@ def qgoft_ours(m):
     return peftlab.attach(m, peftlab.get_config("qgoft"))
 
 
+def goft_activation_ours(m):
+    return peftlab.attach(m, peftlab.get_config("goft", apply="activation"))
+
+
 def boft_peft(m):
     import peft
 
@@ -89,6 +93,7 @@ def oft_peft(m):
 CASES.update({
     "goft": {"ours": goft_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2)"},
     "qgoft": {"ours": qgoft_ours, "peft": oft_peft, "ref": "lora", "peft_name": "OFT (block 32)"},
+    "goft-activation": {"ours": goft_activation_ours, "peft": None, "ref": "lora"},
 })
 
 
@@ -130,6 +135,13 @@ def head_only(m):
     return m
 
 
+def full_finetuning(m):
+    """Every weight trains: the floor of GOFT's weight path, which needs the full gradient of W Rᵀ."""
+    for p in m.parameters():
+        p.requires_grad_(True)
+    return m
+
+
 def meft1_ours(m):
     return peftlab.attach(m, peftlab.get_config("meft", variant=1))
 
@@ -138,4 +150,5 @@ CASES.update({
     # "floor" vs peft's LoRA: the step-time ratio no LoRA implementation can beat (frozen base + head)
     "floor": {"ours": head_only, "peft": lora_peft, "ref": "lora", "peft_name": "LoRA"},
     "meft1": {"ours": meft1_ours, "peft": None, "ref": "lora"},
+    "full": {"ours": full_finetuning, "peft": None, "ref": "lora"},
 })

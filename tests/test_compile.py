@@ -27,3 +27,24 @@ def test_fullgraph_compile_all_core_methods(family):
     assert (y - eager).abs().max().item() <= 1e-5
     y.float().pow(2).mean().backward()
     assert all(p.grad is not None for n, p in peftlab.trainable_parameters(m).items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("method", ["goft", "qgoft"])
+def test_fullgraph_compile_goft_weight_path(method):
+    """GOFT's hand-written autograd.Function (the weight path) captures in one graph, backward included."""
+    torch._dynamo.reset()
+    m = tiny_model("bert")
+    x = tiny_inputs("bert")
+    peftlab.attach(m, peftlab.get_config(method, scale=True))
+    with torch.no_grad():
+        for p in peftlab.trainable_parameters(m).values():
+            p.add_(0.05)
+    eager = output_tensor(m(**x))
+    eager.pow(2).mean().backward()
+    ref = {n: p.grad.clone() for n, p in peftlab.trainable_parameters(m).items()}
+    m.zero_grad()
+    y = output_tensor(torch.compile(m, fullgraph=True, backend="aot_eager")(**x))
+    assert (y - eager).abs().max().item() <= 1e-5
+    y.pow(2).mean().backward()
+    for n, p in peftlab.trainable_parameters(m).items():
+        assert torch.allclose(p.grad, ref[n], atol=1e-5), n

@@ -159,3 +159,28 @@ def test_weight_and_activation_paths_agree(method):
     y2.pow(2).mean().backward()
     for (n, a), b in zip(peftlab.trainable_parameters(m1).items(), peftlab.trainable_parameters(m2).values()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("quasi", [False, True])
+@pytest.mark.parametrize("d", [7, 16])
+def test_weight_levels_function_gradcheck(quasi, d):
+    """The hand-written backward of the weight path (only the rotated columns, recomputed) is exact."""
+    from peftlab.tuners.goft import _LevelsOnRows
+
+    g = GivensRotation(d, quasi=quasi).double()
+    idx = [getattr(g, f"{c}{r}") for r in range(len(g.sizes)) for c in "ij"]
+    m = [x.detach().double().requires_grad_() for x in g.block_entries()]
+    with torch.no_grad():
+        for x in m:
+            x.add_(0.3 * torch.randn_like(x))
+    w = torch.randn(5, d, dtype=torch.float64, requires_grad=True)
+    f = lambda w, *m: _LevelsOnRows.apply(w, torch.stack(m), tuple(g.sizes), False, True, *idx)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (w, *m))
+    with torch.no_grad():  # and it equals W Rᵀ with R from the (independent) activation path
+        if quasi:
+            g.blocks.copy_(torch.stack([torch.stack([m[0], m[1]], -1), torch.stack([m[2], m[3]], -1)], -2))
+        else:
+            g.phi.normal_()
+            m = list(g.block_entries())
+        dense = g.rotate(torch.eye(d, dtype=torch.float64))
+        assert torch.allclose(f(w, *m), w @ dense.t(), atol=1e-10)

@@ -19,9 +19,12 @@ Two exact ways to apply it, both with elementwise level ops (v' = a⊙v + b⊙v[
 d×d R in training: ``apply="activation"`` rotates each token's input, O(d) per token per level, as the
 issue describes; ``apply="weight"`` (default, "auto") applies the same levels to the rows of W
 (W Rᵀ = W diag(s) P_1ᵀ ⋯ P_Lᵀ, O(d_out·d) per level, independent of the number of tokens) and then
-runs one matmul — measured several times faster on MiniLM (docs/goft.md). Under autograd the level
-ops are recomputed in backward (checkpointing), so only their input is kept. ``merge`` densifies R once: W' = W Rᵀ; the
-original W is kept to unmerge exactly (qGOFT's R may be ill-conditioned).
+runs one matmul — measured several times faster on MiniLM (docs/goft.md). Level r only rotates 2·c_r
+columns of W, so the weight path touches just those (``_LevelsOnRows``: fewer than 2d columns over all
+levels instead of L·d) and its backward recomputes them from W, so nothing per level is saved. In the
+activation path the level ops are recomputed in backward by checkpointing (``recompute``), so only
+their input is kept. ``merge`` densifies R once: W' = W Rᵀ; the original W is kept to unmerge exactly
+(qGOFT's R may be ill-conditioned).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import MethodConfig
 from ..families import family_of
@@ -72,6 +74,8 @@ class GivensRotation(Adapter):
             partner[torch.tensor(i)] = torch.tensor(j)
             partner[torch.tensor(j)] = torch.tensor(i)
             self.register_buffer(f"ij{r}", ij, persistent=False)
+            self.register_buffer(f"i{r}", torch.tensor(i), persistent=False)
+            self.register_buffer(f"j{r}", torch.tensor(j), persistent=False)
             self.register_buffer(f"partner{r}", partner, persistent=False)
         self._weight_copy: torch.Tensor | None = None
 
@@ -112,25 +116,25 @@ class GivensRotation(Adapter):
         """W Rᵀ = W diag(s) P_1ᵀ ⋯ P_Lᵀ, computed on the rows of W (cost independent of the tokens)."""
         if self.scale is not None:
             w = w * self.scale.to(w.dtype)
-        for r, (a, b) in enumerate(self.level_coefficients(w.dtype, transpose=False)):
-            w = torch.addcmul(w * a, w.index_select(-1, getattr(self, f"partner{r}")), b)
-        return w
+        m = torch.stack(self.block_entries())
+        return _LevelsOnRows.apply(w, m, tuple(self.sizes), False, self.recompute, *self._idx())
+
+    def _idx(self) -> list[torch.Tensor]:
+        return [getattr(self, f"{c}{r}") for r in range(len(self.sizes)) for c in "ij"]
+
+    def rotate_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rᵀ x for every row x of a 2-D x (= X R): levels P_Lᵀ first, touching only the rotated columns."""
+        m00, m01, m10, m11 = self.block_entries()
+        m = torch.stack([m00, m10, m01, m11])  # transposed blocks, levels in reverse: X P_L ⋯ P_1 = X R
+        x = _LevelsOnRows.apply(x, m, tuple(self.sizes), True, self.recompute, *self._idx())
+        return x * self.scale.to(x.dtype) if self.scale is not None else x
 
     def forward(self, slot, base_fn, x):
         # "weight": rotate W's rows (O(d_out·d·L), token-independent) then one matmul; only possible when
         # this adapter sits directly on the base layer. "activation": the paper's per-token level ops.
         if self.apply != "activation" and base_fn is slot.base:
-            w = slot.weight_oi()
-            if self.recompute and torch.is_grad_enabled():
-                w = checkpoint(self.rotate_weight, w, use_reentrant=False)
-            else:
-                w = self.rotate_weight(w)
-            return nn.functional.linear(x, w, slot.bias)
-        if self.recompute and torch.is_grad_enabled():
-            x = checkpoint(self.rotate, x, use_reentrant=False)
-        else:
-            x = self.rotate(x)
-        return base_fn(x)
+            return nn.functional.linear(x, self.rotate_weight(slot.weight_oi()), slot.bias)
+        return base_fn(self.rotate_rows(x.reshape(-1, self.d)).reshape(x.shape))
 
     def dense(self) -> torch.Tensor:
         """R as a dense d×d matrix (rows of rotate(I) are the rows of R)."""
@@ -204,3 +208,63 @@ class QGOFTConfig(GOFTConfig):
         terms = [s.adapters[k].orthogonality_penalty() for _, s in slots(model) for k in s.keys_of(name)
                  if k in s.active and isinstance(s.adapters[k], GivensRotation)]
         return self.reg_lambda * torch.stack(terms).sum() if terms and self.reg_lambda else None
+
+
+def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of xᵀ, always a copy (``.contiguous()`` would alias a transposed GPT-2 Conv1D
+    weight, and the levels update it in place)."""
+    return x.t().clone(memory_format=torch.contiguous_format)
+
+
+class _LevelsOnRows(torch.autograd.Function):
+    """Rows of X ↦ X P_1ᵀ ⋯ P_Lᵀ (or, ``reverse``, X P_Lᵀ ⋯ P_1ᵀ), touching only each level's 2·c_r rotated
+    columns (Σ_r 2c_r < 2d in all, where a dense per-level op would touch L·d): per pair
+    new_i = M00 x_i + M01 x_j, new_j = M10 x_i + M11 x_j. Works on Xᵀ so a column of X is a contiguous
+    row. Nothing per level is saved: backward recomputes the touched columns from X, then returns the
+    blocks' gradients as sums over X's rows (and X's gradient only if X needs one)."""
+
+    @staticmethod
+    def _order(sizes, reverse):
+        starts = [sum(sizes[:r]) for r in range(len(sizes))]
+        order = list(zip(range(len(sizes)), starts, sizes))
+        return order[::-1] if reverse else order
+
+    @staticmethod
+    def _levels(xt, m, order, idx, keep: bool):
+        """Levels on Xᵀ (d, rows) in place; with ``keep`` the per-level inputs (x_i, x_j) are returned."""
+        kept = []
+        for r, start, n in order:
+            i, j = idx[2 * r], idx[2 * r + 1]
+            a00, a01, a10, a11 = (c[start:start + n, None].to(xt.dtype) for c in m)
+            xi, xj = xt.index_select(0, i), xt.index_select(0, j)
+            xt.index_copy_(0, i, a00 * xi + a01 * xj)
+            xt.index_copy_(0, j, a10 * xi + a11 * xj)
+            if keep:
+                kept.append((xi, xj))
+        return xt, kept
+
+    @staticmethod
+    def forward(ctx, x, m, sizes, reverse, recompute, *idx):  # m: (4, n_angles) = M00, M01, M10, M11
+        ctx.order = _LevelsOnRows._order(sizes, reverse)
+        ctx.save_for_backward(x, m, *idx)
+        out, kept = _LevelsOnRows._levels(_transposed_copy(x), m, ctx.order, idx, keep=not recompute)
+        ctx.kept = None if recompute else kept
+        return out.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, m, *idx = ctx.saved_tensors
+        kept = ctx.kept or _LevelsOnRows._levels(_transposed_copy(x), m, ctx.order, idx, keep=True)[1]
+        gt = _transposed_copy(g)
+        grads = torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+        for step in reversed(range(len(ctx.order))):
+            r, start, n = ctx.order[step]
+            i, j = idx[2 * r], idx[2 * r + 1]
+            (xi, xj), gi, gj = kept[step], gt.index_select(0, i), gt.index_select(0, j)
+            for k, (a, b) in enumerate(((gi, xi), (gi, xj), (gj, xi), (gj, xj))):  # ∂/∂M00, M01, M10, M11
+                grads[k, start:start + n] = (a * b).sum(1, dtype=torch.float32)
+            if step > 0 or ctx.needs_input_grad[0]:
+                a00, a01, a10, a11 = (c[start:start + n, None].to(gt.dtype) for c in m)
+                gt.index_copy_(0, i, a00 * gi + a10 * gj)
+                gt.index_copy_(0, j, a01 * gi + a11 * gj)
+        return (gt.t() if ctx.needs_input_grad[0] else None), grads.to(m.dtype), None, None, None, *([None] * len(idx))
