@@ -2,6 +2,7 @@
 
     python benchmarks/glue_minilm.py                                  # all methods x sst2 mrpc rte cola
     python benchmarks/glue_minilm.py --methods lora peft-lora --tasks sst2
+    python benchmarks/glue_minilm.py --tasks mrpc --methods s4 s4-lora --lr 3e-3   # rows named s4@0.003 ...
     python benchmarks/glue_minilm.py --data-dir .gpu/glue --results /tmp/x   # GLUE root (or task folder)
 
 SST-2 uses a fixed 8k training subset (task.subset_seed 0); other tasks their full training sets;
@@ -74,16 +75,19 @@ def _peft_build_model(cfg, data):
     return peft.get_peft_model(model, pcfg), tok
 
 
-def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, data_dir: str | None = None) -> dict:
-    name, args, lr = METHODS[method]
-    lr = _per_task(lr, task)
+def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, data_dir: str | None = None,
+            lr: float | None = None) -> dict:
+    """One training run; ``lr`` overrides the method's learning rate (the row is then named METHOD@LR)."""
+    name, args, default_lr = METHODS[method]
+    bench_name = f"{method}@{lr:g}" if lr is not None else method
+    lr = _per_task(default_lr, task) if lr is None else lr
     args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
         "model": "minilm", "method": name, "method_args": args,
         "task": {"name": task, **TASKS[task], **({"data_dir": data_dir} if data_dir else {})},
         "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "max_length": 128, "warmup_ratio": 0.06,
                   "schedule": "linear", "seed": seed, "progress": False},
-        "output_dir": str(out_root / f"{task}-{method}-s{seed}"),
+        "output_dir": str(out_root / f"{task}-{bench_name}-s{seed}"),
     }
     original, original_save = loop.build_model, loop._save_best
     if method.startswith("peft-"):
@@ -97,7 +101,7 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, da
         loop.build_model, loop._save_best = original, original_save
     import torch
 
-    res.update(bench_method=method, lr=lr, epochs=epochs, seed=seed, torch=torch.__version__,
+    res.update(bench_method=bench_name, lr=lr, epochs=epochs, seed=seed, torch=torch.__version__,
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return res
 
@@ -137,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="*", default=list(TASKS))
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--lr", type=float, default=None, help="override every method's learning rate; rows are named METHOD@LR")
     ap.add_argument("--out", default="runs/glue_minilm")
     ap.add_argument("--results", default=str(RESULTS / "glue_minilm"))
     ap.add_argument("--data-dir", default=None,
@@ -155,12 +160,13 @@ def main(argv=None) -> int:
         for m in args.methods:
             if m not in METHODS:
                 ap.error(f"unknown method {m}; known {list(METHODS)}")
-            if (m, task, args.seed, args.epochs) in done:
+            bench_name = f"{m}@{args.lr:g}" if args.lr is not None else m
+            if (bench_name, task, args.seed, args.epochs) in done:
                 continue
             import shutil
 
-            shutil.rmtree(Path(args.out) / f"{task}-{m}-s{args.seed}", ignore_errors=True)
-            r = run_one(m, task, args.epochs, Path(args.out), args.seed, args.data_dir)
+            shutil.rmtree(Path(args.out) / f"{task}-{bench_name}-s{args.seed}", ignore_errors=True)
+            r = run_one(m, task, args.epochs, Path(args.out), args.seed, args.data_dir, lr=args.lr)
             with open(jl, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps({k: r[k] for k in ("bench_method", "task", "final", "train_time_s", "trainable_params")}), flush=True)
