@@ -56,6 +56,11 @@ for _s in (50, 70, 90):
     METHODS[f"mov-{_s}"] = ("movement_prune", {"final_sparsity": _s / 100}, 5e-5)
 
 
+def _bench_name(method: str, lr: float | None) -> str:
+    """The row name: the method, or METHOD@LR when the learning rate is overridden."""
+    return f"{method}@{lr:g}" if lr is not None else method
+
+
 def _per_task(v, task):
     """A value, or a dict task -> value."""
     return v[task] if isinstance(v, dict) and task in v else v
@@ -79,7 +84,7 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, da
             lr: float | None = None) -> dict:
     """One training run; ``lr`` overrides the method's learning rate (the row is then named METHOD@LR)."""
     name, args, default_lr = METHODS[method]
-    bench_name = f"{method}@{lr:g}" if lr is not None else method
+    bench_name = _bench_name(method, lr)
     lr = _per_task(default_lr, task) if lr is None else lr
     args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
         for m in args.methods:
             if m not in METHODS:
                 ap.error(f"unknown method {m}; known {list(METHODS)}")
-            bench_name = f"{m}@{args.lr:g}" if args.lr is not None else m
+            bench_name = _bench_name(m, args.lr)
             if (bench_name, task, args.seed, args.epochs) in done:
                 continue
             import shutil

@@ -126,7 +126,7 @@ def test_regulariser_gradient_gradcheck():
     assert torch.allclose(g.blocks.grad, blocks.grad)
 
 
-def test_recompute_gives_same_gradients_and_keeps_less():
+def test_recompute_and_kept_levels_give_same_gradients():
     m1, x = tiny_model("llama"), tiny_inputs("llama")
     m2 = copy.deepcopy(m1)
     peftlab.attach(m1, peftlab.get_config("qgoft", recompute=True))

@@ -19,12 +19,12 @@ Two exact ways to apply it, both with elementwise level ops (v' = a⊙v + b⊙v[
 d×d R in training: ``apply="activation"`` rotates each token's input, O(d) per token per level, as the
 issue describes; ``apply="weight"`` (default, "auto") applies the same levels to the rows of W
 (W Rᵀ = W diag(s) P_1ᵀ ⋯ P_Lᵀ, O(d_out·d) per level, independent of the number of tokens) and then
-runs one matmul — measured several times faster on MiniLM (docs/goft.md). Level r only rotates 2·c_r
-columns of W, so the weight path touches just those (``_LevelsOnRows``: fewer than 2d columns over all
-levels instead of L·d) and its backward recomputes them from W, so nothing per level is saved. In the
-activation path the level ops are recomputed in backward by checkpointing (``recompute``), so only
-their input is kept. ``merge`` densifies R once: W' = W Rᵀ; the original W is kept to unmerge exactly
-(qGOFT's R may be ill-conditioned).
+runs one matmul — measured faster on MiniLM (docs/goft.md). Both paths go through one autograd
+function (``_LevelsOnRows``): level r only rotates 2·c_r columns, so only those are touched (fewer than
+2d columns over all levels instead of L·d), and backward recomputes them from its input, so nothing per
+level is saved (``recompute=False`` keeps them instead). ``rotate`` is the plain full-width version of
+the same levels, used once to densify R for ``merge`` (W' = W Rᵀ) and as the tests' reference; the
+original W is kept to unmerge exactly (qGOFT's R may be ill-conditioned).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class GivensRotation(Adapter):
         return out
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """Rᵀ x for the last dimension of x."""
+        """Rᵀ x for the last dimension of x, with full-width level ops (densify / reference; training uses
+        ``rotate_rows`` and ``rotate_weight``)."""
         coef = self.level_coefficients(x.dtype)
         for r in reversed(range(len(self.sizes))):
             a, b = coef[r]
@@ -130,7 +131,7 @@ class GivensRotation(Adapter):
         return x * self.scale.to(x.dtype) if self.scale is not None else x
 
     def forward(self, slot, base_fn, x):
-        # "weight": rotate W's rows (O(d_out·d·L), token-independent) then one matmul; only possible when
+        # "weight": rotate W's rows (token-independent cost) then one matmul; only possible when
         # this adapter sits directly on the base layer. "activation": the paper's per-token level ops.
         if self.apply != "activation" and base_fn is slot.base:
             return nn.functional.linear(x, self.rotate_weight(slot.weight_oi()), slot.bias)
