@@ -2,7 +2,7 @@
 
 Each builder takes a fresh MiniLM sequence-classification model and returns the model to train.
 Add a method with one entry; ``ref`` names the case whose step time the ratio column compares to
-(besides peft's equivalent).
+(besides peft's equivalent); an optional ``floor`` builder adds a third side stepped in the same rotation.
 """
 
 from __future__ import annotations
@@ -135,6 +135,14 @@ def head_only(m):
     return m
 
 
+def head_and_first_query_bias(m):
+    """No adapter, but layer 0's query bias trains too, so the backward runs through the whole frozen encoder
+    exactly as LoRA's does: the floor of any LoRA implementation on (q, v) of every layer."""
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("classifier") or n.endswith("layer.0.attention.self.query.bias"))
+    return m
+
+
 def full_finetuning(m):
     """Every weight trains: the floor of GOFT's weight path, which needs the full gradient of W Rᵀ."""
     for p in m.parameters():
@@ -152,3 +160,6 @@ CASES.update({
     "meft1": {"ours": meft1_ours, "peft": None, "ref": "lora"},
     "full": {"ours": full_finetuning, "peft": None, "ref": "lora"},
 })
+# LoRA's third side: the same backward through the frozen encoder with no LoRA arithmetic at all, stepped
+# alternately with ours and peft's, so each library's own LoRA cost is (its step - this floor)
+CASES["lora"]["floor"] = head_and_first_query_bias

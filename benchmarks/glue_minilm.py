@@ -32,6 +32,11 @@ METHODS: dict[str, tuple[str, dict, float]] = {
     "dora": ("dora", {"r": 8, "alpha": 8, "targets": ["query", "value"]}, 5e-4),
     "ia3": ("ia3", {}, 3e-3),
     "bitfit": ("bitfit", {}, 1e-3),
+    # prefix: 20 virtual tokens per layer through the paper's MLP reparameterisation (its trainable count
+    # includes that MLP; the saved prefix is 20 x 2 x 384 per layer); prompt tuning: 20 input tokens.
+    # Learning rates are the usual ones for these methods (higher than LoRA's), not tuned here.
+    "prefix": ("prefix", {"num_virtual_tokens": 20}, 5e-3),
+    "prompt": ("prompt", {"num_virtual_tokens": 20}, 3e-2),
     # GOFT paper Table 5 learning rates and qGOFT lambda per task (METHODS.md §3.3)
     "goft": ("goft", {}, {"sst2": 8e-4, "cola": 1.6e-3, "rte": 2e-3, "mrpc": 8e-4}),
     "qgoft": ("qgoft", {"reg_lambda": {"sst2": 0.01, "cola": 0.05, "rte": 0.05, "mrpc": 0.01}},

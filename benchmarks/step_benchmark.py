@@ -69,6 +69,8 @@ def run_case(name, base, batch, warmup, steps):
     sides = {"ours": case["ours"](copy.deepcopy(base)).train()}
     if case["peft"] is not None:
         sides["peft"] = case["peft"](copy.deepcopy(base)).train()
+    if case.get("floor") is not None:
+        sides["floor"] = case["floor"](copy.deepcopy(base)).train()
     out = {"case": name}
     for side, m in sides.items():
         out[f"{side}_saved_bytes"] = saved_activation_bytes(m, batch)
@@ -87,6 +89,10 @@ def run_case(name, base, batch, warmup, steps):
     if "peft" in sides:
         out["time_ratio_vs_peft"] = out["ours_median_s"] / out["peft_median_s"]
         out["saved_ratio_vs_peft"] = out["ours_saved_bytes"] / max(out["peft_saved_bytes"], 1)
+    if "floor" in sides and "peft" in sides:  # each library's own cost above the shared floor
+        f = out["floor_median_s"]
+        out["floor_ratio_vs_peft"] = f / out["peft_median_s"]
+        out["own_cost_ratio_vs_peft"] = (out["ours_median_s"] - f) / max(out["peft_median_s"] - f, 1e-9)
     return out
 
 
@@ -158,6 +164,24 @@ def to_markdown(rows, meta) -> str:
             f"| {r['ours_saved_bytes'] / 2**20:.1f} | {_fmt(r.get('peft_saved_bytes') and r['peft_saved_bytes'] / 2**20, '.1f')} "
             f"| {r['ours_trainable']:,} / {_fmt(r.get('peft_trainable'), ',')} |"
         )
+    floors = [r for r in rows if "own_cost_ratio_vs_peft" in r]
+    if floors:
+        lines += [
+            "",
+            "Floor: the same model with the base frozen and no adapter arithmetic, yet the gradient still flowing "
+            "through the whole encoder (only layer 0's query bias and the head train), stepped in the same rotation. "
+            "Own cost = step − floor.",
+            "",
+            "| case | seq | floor ms | floor/peft time | ours − floor ms | peft − floor ms | own cost ours/peft |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in floors:
+            f = r["floor_median_s"]
+            lines.append(
+                f"| {r['case']} | {r['seq']} | {f * 1e3:.0f} | {r['floor_ratio_vs_peft']:.3f} "
+                f"| {(r['ours_median_s'] - f) * 1e3:.0f} | {(r['peft_median_s'] - f) * 1e3:.0f} "
+                f"| {r['own_cost_ratio_vs_peft']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -44,3 +44,24 @@ def test_pst_table_rows_per_sparsity_with_export_columns():
     assert [c[:2] for c in cells[2:]] == [["50%", "PST"], ["90%", "PST"], ["90%", "magnitude + LoRA update"]]
     assert cells[3][3:] == ["0.780", "0.810 / 0.700", "0.9000", "0.131 (1.0 MiB)"]
     assert cells[4][5:] == ["—", "—"]  # not exported: no size claimed
+
+
+def test_step_benchmark_floor_side_gives_each_librarys_own_cost():
+    import bench_cases
+    import step_benchmark
+
+    assert bench_cases.CASES["lora"]["floor"] is bench_cases.head_and_first_query_bias
+    from peftlab.testing import tiny_model
+
+    m = bench_cases.head_and_first_query_bias(tiny_model("bert"))
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("classifier") or n.endswith("layer.0.attention.self.query.bias")
+                             for n in trainable) and any("query.bias" in n for n in trainable)
+    r = {"case": "lora", "seq": 64, "batch": 32, "ours_median_s": 0.90, "peft_median_s": 1.00, "floor_median_s": 0.80,
+         "ours_saved_bytes": 2**20, "peft_saved_bytes": 2**20, "ours_trainable": 10, "peft_trainable": 10,
+         "time_ratio_vs_peft": 0.9}
+    r["own_cost_ratio_vs_peft"] = (0.90 - 0.80) / (1.00 - 0.80)
+    r["floor_ratio_vs_peft"] = 0.8
+    md = step_benchmark.to_markdown([r], {"steps": 5, "warmup": 1, "torch": "x", "threads": 2, "command": "c"})
+    last = [c.strip() for c in md.strip().splitlines()[-1].split("|")[1:-1]]
+    assert last == ["lora", "64", "800", "0.800", "100", "200", "0.500"]

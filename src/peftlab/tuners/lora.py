@@ -1,8 +1,13 @@
 """LoRA (Hu et al. 2022): h = W₀x + (α/r)·B A x  (METHODS.md §5.2).
 
 A ~ Kaiming-uniform(a=√5), B = 0, so the model starts exactly at W₀. ``use_rslora`` scales by
-α/√r instead (Kalajdzievski 2023). The update is added with a single fused ``addmm`` (no separate
-scale and add kernels, nothing extra saved for backward). Merge: W₀ + (α/r)·B A.
+α/√r instead (Kalajdzievski 2023). Merge: W₀ + (α/r)·B A.
+
+Speed: on the common case (an nn.Linear / Conv1D base, no dropout, no autocast, no hooks on the
+base, LoRA innermost in its slot) base and update run as one autograd function, :class:`_LinearLoRA`, whose
+hand-written backward folds the update's input gradient into the base's (``gx = g W₀ + s·(g B) A``,
+one in-place ``addmm``) and saves only x and the rank-r activation A x. Otherwise the update is
+added to ``base_fn(x)`` with one ``addmm`` (no separate scale and add kernels).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class LoRALayer(Adapter):
         return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
 
     def forward(self, slot, base_fn, x):
+        if _fusable(self, slot, base_fn, x):
+            return _LinearLoRA.apply(x, slot.weight_oi(), slot.bias, self.lora_A, self.lora_B, self.scale)
         y = base_fn(x)
         h = F.linear(self.dropout(x), self.lora_A)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
@@ -57,6 +64,49 @@ class LoRALayer(Adapter):
 
     def from_peft_tensors(self, t):
         return {"lora_A": t["lora_A.weight"], "lora_B": t["lora_B.weight"]}
+
+
+def _fusable(lora: LoRALayer, slot, base_fn, x: torch.Tensor) -> bool:
+    """Whether the fused function computes exactly what ``base_fn(x) + update(x)`` would.
+
+    Static facts only (types, flags, hooks), so ``torch.compile`` turns this into guards, not graph breaks.
+    """
+    base = slot.base  # exact types: quantized nn.Linear subclasses keep the generic path
+    plain = type(base) is nn.Linear or type(base).__name__ == "Conv1D"
+    if base_fn is not base or not plain or type(lora.dropout) is not nn.Identity:
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
+        return False
+    return base.weight.dtype == x.dtype == lora.lora_A.dtype
+
+
+class _LinearLoRA(torch.autograd.Function):
+    """y = x W₀ᵀ + b + s·(x Aᵀ) Bᵀ with W₀ in (out, in) layout; backward:
+    g_h = s·g B,  g_x = g W₀ + g_h A (one in-place addmm),  g_B = s·gᵀ(x Aᵀ),  g_A = g_hᵀ x,
+    and g_W₀ = gᵀ x, g_b = Σ g only when the base itself trains (BitFit beside LoRA, full fine-tuning)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ lora_a.t()
+        y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+        y.addmm_(h, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x2, h, w, lora_a, lora_b)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, h, w, lora_a, lora_b = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = (g2 @ lora_b).mul_(ctx.scale)
+        gx = (g2 @ w).addmm_(gh, lora_a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        ga = gh.t() @ x2 if ctx.needs_input_grad[3] else None
+        gb = (g2.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
+        gw = g2.t() @ x2 if ctx.needs_input_grad[1] else None
+        gbias = g2.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gbias, ga, gb, None
 
 
 @register
