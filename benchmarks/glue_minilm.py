@@ -66,6 +66,10 @@ def _bench_name(method: str, lr: float | None) -> str:
     return f"{method}@{lr:g}" if lr is not None else method
 
 
+def _run_dir(task: str, bench_name: str, seed: int, subset_seed: int | None) -> str:
+    return f"{task}-{bench_name}-s{seed}" + (f"-ss{subset_seed}" if subset_seed else "")
+
+
 def _per_task(v, task):
     """A value, or a dict task -> value."""
     return v[task] if isinstance(v, dict) and task in v else v
@@ -86,18 +90,20 @@ def _peft_build_model(cfg, data):
 
 
 def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, data_dir: str | None = None,
-            lr: float | None = None) -> dict:
-    """One training run; ``lr`` overrides the method's learning rate (the row is then named METHOD@LR)."""
+            lr: float | None = None, subset_seed: int | None = None) -> dict:
+    """One training run; ``lr`` overrides the method's learning rate (the row is then named METHOD@LR);
+    ``subset_seed`` picks another fixed training subset where the task uses one (SST-2's 8k)."""
     name, args, default_lr = METHODS[method]
     bench_name = _bench_name(method, lr)
     lr = _per_task(default_lr, task) if lr is None else lr
     args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
         "model": "minilm", "method": name, "method_args": args,
-        "task": {"name": task, **TASKS[task], **({"data_dir": data_dir} if data_dir else {})},
+        "task": {"name": task, **TASKS[task], **({"data_dir": data_dir} if data_dir else {}),
+                 **({"subset_seed": subset_seed} if subset_seed is not None else {})},
         "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "max_length": 128, "warmup_ratio": 0.06,
                   "schedule": "linear", "seed": seed, "progress": False},
-        "output_dir": str(out_root / f"{task}-{bench_name}-s{seed}"),
+        "output_dir": str(out_root / _run_dir(task, bench_name, seed, subset_seed)),
     }
     original, original_save = loop.build_model, loop._save_best
     if method.startswith("peft-"):
@@ -111,7 +117,7 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, da
         loop.build_model, loop._save_best = original, original_save
     import torch
 
-    res.update(bench_method=bench_name, lr=lr, epochs=epochs, seed=seed, torch=torch.__version__,
+    res.update(bench_method=bench_name, lr=lr, epochs=epochs, seed=seed, subset_seed=subset_seed or 0, torch=torch.__version__,
                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     return res
 
@@ -142,7 +148,25 @@ def to_markdown(rows: list[dict]) -> str:
             "after training. Trainable parameters include the classification head. Columns are 1 epoch unless "
             "marked. Majority-class reference on the dev sets: SST-2 0.509, MRPC F1 0.812 / acc 0.684, RTE 0.527, "
             "CoLA 0.000; a cell at that value means the run never left the constant prediction.\n")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + runs_markdown(rows)
+
+
+def runs_markdown(rows: list[dict]) -> str:
+    """Every run of a (method, task, epochs) measured more than once (seeds, training subsets), with the mean."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["bench_method"], r["task"], r["epochs"]), []).append(r)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if not multi:
+        return ""
+    lines = ["", "Repeated runs (each run's final dev score; the table above shows the last):", "",
+             "| method | task | epochs | (seed, subset seed): score | mean |", "|---|---|---:|---|---:|"]
+    for (m, t, e), rs in multi.items():
+        metric = {"cola": "matthews", "mrpc": "f1"}.get(t, "accuracy")
+        vals = [r["final"][metric] for r in rs]
+        runs = ", ".join(f"({r.get('seed', '?')}, {r.get('subset_seed', 0)}): {v:.3f}" for r, v in zip(rs, vals))
+        lines.append(f"| {m} | {t} | {e:g} | {runs} | {sum(vals) / len(vals):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -152,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--lr", type=float, default=None, help="override every method's learning rate; rows are named METHOD@LR")
+    ap.add_argument("--subset-seed", type=int, default=None,
+                    help="seed of the fixed training subset (SST-2's 8k); default 0")
     ap.add_argument("--out", default="runs/glue_minilm")
     ap.add_argument("--results", default=str(RESULTS / "glue_minilm"))
     ap.add_argument("--data-dir", default=None,
@@ -165,18 +191,19 @@ def main(argv=None) -> int:
         for x in jl.read_text().splitlines():
             if x.strip():
                 r = json.loads(x)
-                done.add((r["bench_method"], r["task"], r["seed"], r["epochs"]))
+                done.add((r["bench_method"], r["task"], r["seed"], r["epochs"], r.get("subset_seed", 0)))
     for task in args.tasks:
         for m in args.methods:
             if m not in METHODS:
                 ap.error(f"unknown method {m}; known {list(METHODS)}")
             bench_name = _bench_name(m, args.lr)
-            if (bench_name, task, args.seed, args.epochs) in done:
+            if (bench_name, task, args.seed, args.epochs, args.subset_seed or 0) in done:
                 continue
             import shutil
 
-            shutil.rmtree(Path(args.out) / f"{task}-{bench_name}-s{args.seed}", ignore_errors=True)
-            r = run_one(m, task, args.epochs, Path(args.out), args.seed, args.data_dir, lr=args.lr)
+            shutil.rmtree(Path(args.out) / _run_dir(task, bench_name, args.seed, args.subset_seed), ignore_errors=True)
+            r = run_one(m, task, args.epochs, Path(args.out), args.seed, args.data_dir, lr=args.lr,
+                        subset_seed=args.subset_seed)
             with open(jl, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps({k: r[k] for k in ("bench_method", "task", "final", "train_time_s", "trainable_params")}), flush=True)

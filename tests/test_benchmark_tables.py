@@ -25,6 +25,18 @@ def test_columns_per_task_and_epochs_last_record_wins():
     assert [c.strip() for c in full.split("|")[1:-1]][2:6] == ["—", "—", "—", "0.250"]
 
 
+def test_repeated_runs_listed_with_seed_subset_and_mean():
+    rows = [{**_row("lora", "sst2", 1.0, 0.78), "seed": 0}, {**_row("lora", "sst2", 1.0, 0.80), "seed": 42, "subset_seed": 1},
+            _row("lora", "mrpc", 1.0, 0.81)]
+    md = glue_minilm.to_markdown(rows)
+    runs = [x for x in md.splitlines() if x.startswith("| lora | sst2")]
+    assert runs == ["| lora | sst2 | 1 | (0, 0): 0.780, (42, 1): 0.800 | 0.790 |"]
+    assert "| lora | mrpc |" not in md  # measured once: no repeated-runs row
+    assert glue_minilm.runs_markdown([_row("lora", "sst2", 1.0, 0.7)]) == ""
+    assert glue_minilm._run_dir("sst2", "lora", 42, None) == "sst2-lora-s42"
+    assert glue_minilm._run_dir("sst2", "lora", 42, 2) == "sst2-lora-s42-ss2"
+
+
 def test_pst_table_rows_per_sparsity_with_export_columns():
     import pst_table
 
@@ -65,3 +77,22 @@ def test_step_benchmark_floor_side_gives_each_librarys_own_cost():
     md = step_benchmark.to_markdown([r], {"steps": 5, "warmup": 1, "torch": "x", "threads": 2, "command": "c"})
     last = [c.strip() for c in md.strip().splitlines()[-1].split("|")[1:-1]]
     assert last == ["lora", "64", "800", "0.800", "100", "200", "0.500"]
+    main_row = [c.strip() for c in md.splitlines()[4].split("|")[1:-1]]
+    assert main_row[:6] == ["lora", "64", "900", "1000", "0.900", "—"]  # no per-round data: paired ratio absent
+
+
+def test_step_benchmark_paired_ratio_uses_each_round():
+    import bench_cases
+    import step_benchmark
+    import torch
+
+    from peftlab.testing import tiny_model
+
+    base = tiny_model("bert")
+    batch = {"input_ids": torch.randint(0, 50, (2, 8)), "labels": torch.tensor([0, 1])}
+    assert bench_cases.CASES["lora"]["floor"] is not None  # three sides: ours, peft, floor
+    r = step_benchmark.run_case("lora", base, batch, warmup=1, steps=3)
+    assert len(r["ours_steps_s"]) == len(r["peft_steps_s"]) == len(r["floor_steps_s"]) == 3
+    want = sorted(o / p for o, p in zip(r["ours_steps_s"], r["peft_steps_s"]))[1]
+    assert r["paired_ratio_vs_peft"] == want
+    assert r["ours_trainable"] == r["peft_trainable"] > r["floor_trainable"]
