@@ -194,3 +194,22 @@ def test_past_mode_generation_matches_no_cache(family):
 def test_past_mode_rejects_layer_subsets():
     with pytest.raises(ValueError, match="every layer"):
         peftlab.get_config("prefix", mode="past", layers=[0])
+
+
+def test_cache_argument_name_follows_the_forward_signature():
+    """transformers 5.24 renamed attention forwards' ``past_key_values`` to ``cache``; prefix/prompt bind
+    arguments to the signature, so they must hand their cache view over under the name the forward takes."""
+    import inspect
+
+    from peftlab.slot import cache_arg
+
+    def new(hidden_states, attention_mask=None, cache=None, **kwargs): ...
+
+    def old(hidden_states, attention_mask=None, past_key_values=None, **kwargs): ...
+
+    def older(hidden_states, past_key_value=None): ...
+
+    def none(hidden_states, attention_mask=None): ...
+
+    assert [cache_arg(inspect.signature(f)) for f in (new, old, older, none)] == [
+        "cache", "past_key_values", "past_key_value", "past_key_values"]

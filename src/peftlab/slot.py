@@ -210,3 +210,14 @@ def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     while child not in parent._modules and isinstance(parent, Slot):
         parent = parent._modules["base"]
     return parent, child
+
+
+CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_arg(signature) -> str:
+    """The name a forward takes its key/value cache under: transformers ≥ 5.24 renamed ``past_key_values``
+    to ``cache`` (the old name is still accepted by a deprecation shim, which does not reach code that binds
+    arguments to the signature, as prefix and prompt tuning do)."""
+    params = signature.parameters
+    return next((n for n in CACHE_ARGS if n in params), "past_key_values")

@@ -32,7 +32,7 @@ from ..config import MethodConfig
 from ..errors import UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter
+from ..slot import Adapter, cache_arg
 
 SUPPORTED = ("bert", "gpt2", "llama", "opt", "bart")
 
@@ -86,6 +86,7 @@ class PrefixAttention(Adapter):
         super().__init__()
         self._encoder = [encoder]  # shared module, not registered twice
         self.key, self.causal, self.signature = key, causal, signature
+        self.cache_key = cache_arg(signature)
 
     def forward(self, slot, base_fn, *args, **kwargs):
         bound = self.signature.bind(*args, **kwargs)
@@ -93,11 +94,11 @@ class PrefixAttention(Adapter):
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         hs = a.get("hidden_states")
         pk, pv = self._encoder[0].prefix(self.key)
-        inner = a.get("past_key_values")
+        inner = a.get(self.cache_key)
         if inner is not None and type(inner).__name__ == "EncoderDecoderCache":
             inner = inner.self_attention_cache
         past = inner.get_seq_length(getattr(slot.base, "layer_idx", 0) or 0) if inner is not None else 0
-        a["past_key_values"] = PrefixCacheView(inner, pk, pv)
+        a[self.cache_key] = PrefixCacheView(inner, pk, pv)
         a["attention_mask"] = _extend_mask(a.get("attention_mask"), pk.shape[1], hs.shape[1], past, self.causal, hs.device)
         return base_fn(**a, **extra)
 
@@ -110,6 +111,7 @@ class PrefixPast(Adapter):
         super().__init__()
         self._encoder = [encoder]
         self.order, self.signature = order, signature
+        self.cache_key = cache_arg(signature)
 
     def forward(self, slot, base_fn, *args, **kwargs):
         from transformers import DynamicCache
@@ -118,7 +120,7 @@ class PrefixPast(Adapter):
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         ref = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
         b = ref.shape[0]
-        past = a.get("past_key_values")
+        past = a.get(self.cache_key)
         n = self._encoder[0].shapes[self.order[0]][0]
         mask = a.get("attention_mask")
         if mask is not None:
@@ -128,7 +130,7 @@ class PrefixPast(Adapter):
             for i, key in enumerate(self.order):
                 pk, pv = self._encoder[0].prefix(key)
                 cache.update(pk.unsqueeze(0).expand(b, -1, -1, -1), pv.unsqueeze(0).expand(b, -1, -1, -1), i)
-            a["past_key_values"] = cache
+            a[self.cache_key] = cache
             for k in ("position_ids", "cache_position"):
                 if a.get(k) is not None:
                     a[k] = a[k] + n

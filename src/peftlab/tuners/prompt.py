@@ -25,7 +25,7 @@ from ..config import MethodConfig
 from ..errors import UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter
+from ..slot import Adapter, cache_arg
 
 
 class SoftPrompt(Adapter):
@@ -33,12 +33,13 @@ class SoftPrompt(Adapter):
         super().__init__()
         self.prompt = nn.Parameter(prompt)
         self.strip, self.signature = strip, signature
+        self.cache_key = cache_arg(signature)
 
     def forward(self, slot, base_fn, *args, **kwargs):
         a = self.signature.bind(*args, **kwargs).arguments
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         p = self.prompt.shape[0]
-        past = a.get("past_key_values")
+        past = a.get(self.cache_key)
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         mask = a.get("attention_mask")
         ref = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ...errors import PeftlabError
-from ...slot import Adapter
+from ...slot import CACHE_ARGS, Adapter
 from .blocks import BlockKind
 
 
@@ -128,7 +128,7 @@ class MEFTStack(nn.Module):
         k = min(self.k, n) if (torch.is_grad_enabled() and self.layers[0].training) else 0
         if k:
             rev_kw = dict(kw)
-            for key, off in (("past_key_values", None), ("use_cache", False)):
+            for key, off in (*((c, None) for c in CACHE_ARGS), ("use_cache", False)):
                 if key in rev_kw:
                     rev_kw[key] = off
             x1, x2 = reversible_apply(self, k, h0, rev_kw)
