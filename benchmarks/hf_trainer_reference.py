@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--subset-seed", type=int, default=0)
+    ap.add_argument("--subset-seed", type=int, default=0, help="-1: the first N training rows in file order")
     ap.add_argument("--train-limit", type=int, default=8000)
     ap.add_argument("--data-dir", default=None, help="GLUE root holding SST-2/ (default ../shared/data/glue)")
     ap.add_argument("--results", default=str(RESULTS / "hf_trainer_reference.jsonl"))
@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     from peftlab.train.data import SHARED_DATA
 
     root = Path(args.data_dir) if args.data_dir else SHARED_DATA / "glue"
-    train = T.subset(T.read_glue("sst2", root, "train"), args.train_limit, args.subset_seed)
+    train = T.read_glue("sst2", root, "train")
+    train = train[:args.train_limit] if args.subset_seed < 0 else T.subset(train, args.train_limit, args.subset_seed)
     dev = T.read_glue("sst2", root, "dev.tsv")
     tok = load_tokenizer("minilm")
 

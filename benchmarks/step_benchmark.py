@@ -64,7 +64,9 @@ def make_step(model):
     return step, sum(p.numel() for p in params)
 
 
-def run_case(name, base, batch, warmup, steps):
+def run_case(name, base, batch, warmup, steps, compiled: bool = False):
+    """``compiled``: step ``torch.compile``d models (ours and the floor with ``fullgraph=True``; peft's without,
+    as its forward has graph breaks); warm-up then includes compilation (its seconds are in ``*_warmup_s``)."""
     case = CASES[name]
     sides = {"ours": case["ours"](copy.deepcopy(base)).train()}
     if case["peft"] is not None:
@@ -74,19 +76,25 @@ def run_case(name, base, batch, warmup, steps):
     out = {"case": name}
     for side, m in sides.items():
         out[f"{side}_saved_bytes"] = saved_activation_bytes(m, batch)
+    if compiled:
+        sides = {side: torch.compile(m, fullgraph=side != "peft") for side, m in sides.items()}
     steppers = {side: make_step(m) for side, m in sides.items()}
     for side, (_, n) in steppers.items():
         out[f"{side}_trainable"] = n
     times = {side: [] for side in sides}
+    warm = {side: 0.0 for side in sides}
     for i in range(warmup + steps):
         order = list(steppers) if i % 2 == 0 else list(reversed(steppers))
         for side in order:
             dt = steppers[side][0](batch)
             if i >= warmup:
                 times[side].append(dt)
+            else:
+                warm[side] += dt
     for side, ts in times.items():
         out[f"{side}_median_s"] = statistics.median(ts)
         out[f"{side}_steps_s"] = ts
+        out[f"{side}_warmup_s"] = warm[side]
     if "peft" in sides:
         out["time_ratio_vs_peft"] = out["ours_median_s"] / out["peft_median_s"]
         # each round steps both sides back to back, so the per-round ratio cancels slow drift of the machine
@@ -107,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="step torch.compile'd models (fullgraph for ours)")
     ap.add_argument("--out", default=str(RESULTS / "step_benchmark"))
     args = ap.parse_args(argv)
     unknown = [c for c in args.cases if c not in CASES]
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
         }
         for name in args.cases:
             torch.manual_seed(0)
-            r = run_case(name, base, batch, args.warmup, args.steps)
+            r = run_case(name, base, batch, args.warmup, args.steps, compiled=args.compile)
             r.update(seq=seq, batch=args.batch)
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
         match = [x for x in rows if x["case"] == ref and x["seq"] == r["seq"]]
         if match:
             r[f"time_ratio_vs_our_{ref}"] = r["ours_median_s"] / match[0]["ours_median_s"]
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(),
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.machine(), "compile": args.compile,
             "steps": args.steps, "warmup": args.warmup, "command": " ".join(["python", *sys.argv])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +162,7 @@ def _fmt(v, spec):
 def to_markdown(rows, meta) -> str:
     lines = [
         f"Step benchmark — MiniLM seq-cls, batch {rows[0]['batch'] if rows else '?'}, median of {meta['steps']} "
-        f"alternating steps after {meta['warmup']} warm-up (paired: median over rounds of the per-round ratio), torch {meta['torch']}, {meta['threads']} threads. "
+        f"alternating steps after {meta['warmup']} warm-up{', torch.compile' if meta.get('compile') else ''} (paired: median over rounds of the per-round ratio), torch {meta['torch']}, {meta['threads']} threads. "
         f"Command: `{meta['command']}`",
         "",
         "| case | seq | ours ms | peft ms | ours/peft time | paired ours/peft | ours/ref time | ours saved MB | peft saved MB | trainable (ours / peft) |",
