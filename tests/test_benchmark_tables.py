@@ -96,3 +96,18 @@ def test_step_benchmark_paired_ratio_uses_each_round():
     want = sorted(o / p for o, p in zip(r["ours_steps_s"], r["peft_steps_s"]))[1]
     assert r["paired_ratio_vs_peft"] == want
     assert r["ours_trainable"] == r["peft_trainable"] > r["floor_trainable"]
+
+
+def test_step_benchmark_compiled_sides_step_and_match_eager_counts():
+    import torch
+    import step_benchmark
+    from peftlab.testing import tiny_model
+
+    base = tiny_model("bert")
+    batch = {"input_ids": torch.randint(0, 50, (2, 8)), "labels": torch.tensor([0, 1])}
+    eager = step_benchmark.run_case("lora", base, batch, warmup=1, steps=1)
+    comp = step_benchmark.run_case("lora", base, batch, warmup=1, steps=1, compiled=True)
+    for side in ("ours", "peft", "floor"):
+        assert comp[f"{side}_trainable"] == eager[f"{side}_trainable"]
+        assert comp[f"{side}_saved_bytes"] == eager[f"{side}_saved_bytes"]  # measured on the eager model
+        assert comp[f"{side}_warmup_s"] > 0 and len(comp[f"{side}_steps_s"]) == 1
