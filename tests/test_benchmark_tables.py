@@ -99,8 +99,9 @@ def test_step_benchmark_paired_ratio_uses_each_round():
 
 
 def test_step_benchmark_compiled_sides_step_and_match_eager_counts():
-    import torch
     import step_benchmark
+    import torch
+
     from peftlab.testing import tiny_model
 
     base = tiny_model("bert")
