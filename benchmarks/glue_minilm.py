@@ -70,6 +70,11 @@ def _run_dir(task: str, bench_name: str, seed: int, subset_seed: int | None) -> 
     return f"{task}-{bench_name}-s{seed}" + (f"-ss{subset_seed}" if subset_seed else "")
 
 
+def _metric(task: str) -> str:
+    """The GLUE metric a table cell shows for a task."""
+    return {"cola": "matthews", "mrpc": "f1"}.get(task, "accuracy")
+
+
 def _per_task(v, task):
     """A value, or a dict task -> value."""
     return v[task] if isinstance(v, dict) and task in v else v
@@ -138,7 +143,7 @@ def to_markdown(rows: list[dict]) -> str:
                 continue
             r = r[-1]
             f = r["final"]
-            metric = {"cola": "matthews", "mrpc": "f1"}.get(t, "accuracy")
+            metric = _metric(t)
             extra = f" / acc {f['accuracy']:.3f}" if t == "mrpc" else ""
             cells.append(f"{f[metric]:.3f}{extra}")
             t_sum += r["train_time_s"]
@@ -162,7 +167,7 @@ def runs_markdown(rows: list[dict]) -> str:
     lines = ["", "Repeated runs (each run's final dev score; the table above shows the last):", "",
              "| method | task | epochs | (seed, subset seed): score | mean |", "|---|---|---:|---|---:|"]
     for (m, t, e), rs in multi.items():
-        metric = {"cola": "matthews", "mrpc": "f1"}.get(t, "accuracy")
+        metric = _metric(t)
         vals = [r["final"][metric] for r in rs]
         runs = ", ".join(f"({r.get('seed', '?')}, {r.get('subset_seed', 0)}): {v:.3f}" for r, v in zip(rs, vals))
         lines.append(f"| {m} | {t} | {e:g} | {runs} | {sum(vals) / len(vals):.3f} |")

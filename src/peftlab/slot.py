@@ -217,7 +217,7 @@ CACHE_ARGS = ("cache", "past_key_values", "past_key_value")
 
 def cache_arg(signature) -> str:
     """The name a forward takes its key/value cache under: transformers ≥ 5.24 renamed ``past_key_values``
-    to ``cache`` (the old name is still accepted by a deprecation shim, which does not reach code that binds
-    arguments to the signature, as prefix and prompt tuning do)."""
+    to ``cache``. Adapters that bind the call to the forward's signature (prefix, prompt, MEFT) must use
+    that name: a cache handed over under the old one never reached attention on 5.25."""
     params = signature.parameters
     return next((n for n in CACHE_ARGS if n in params), "past_key_values")

@@ -128,7 +128,7 @@ class MEFTStack(nn.Module):
         k = min(self.k, n) if (torch.is_grad_enabled() and self.layers[0].training) else 0
         if k:
             rev_kw = dict(kw)
-            for key, off in (*((c, None) for c in CACHE_ARGS), ("use_cache", False)):
+            for key, off in {**dict.fromkeys(CACHE_ARGS), "use_cache": False}.items():
                 if key in rev_kw:
                     rev_kw[key] = off
             x1, x2 = reversible_apply(self, k, h0, rev_kw)
