@@ -45,7 +45,7 @@ def test_unknown_method_and_bad_params_are_clear():
         peftlab.get_config("lora", rank=4)
     with pytest.raises(TypeError, match=r"LoRAConfig\.r"):
         peftlab.LoRAConfig.from_dict({"r": "8"})
-    with pytest.raises(ValueError, match="r must be"):
+    with pytest.raises(ValueError, match=r"LoRAConfig\.r: must be >= 1"):
         peftlab.LoRAConfig(r=0)
 
 

@@ -39,7 +39,7 @@ def test_llama_attention_equals_manual_prefix_attention():
         k = attn.k_proj(h).view(1, 5, nkv, hd).transpose(1, 2)
         v = attn.v_proj(h).view(1, 5, nkv, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        pk, pv = slot.adapters["default"]._encoder[0].prefix("model-layers-0-self_attn")
+        pk, pv = slot.adapters["default"].shared.prefix("model-layers-0-self_attn")
         k = torch.cat([pk[None], k], 2).repeat_interleave(nh // nkv, 1)
         v = torch.cat([pv[None], v], 2).repeat_interleave(nh // nkv, 1)
         scores = q @ k.transpose(-1, -2) / hd**0.5
@@ -108,7 +108,7 @@ def test_parts_with_disjoint_layers_and_different_lengths_coexist():
     peftlab.attach(m, peftlab.get_config("prefix", layer_lengths={3: 4}, num_virtual_tokens=1, layers=[3],
                                          reparameterize=False), name="c")  # nested on the same layer
     peftlab.attach(m, peftlab.LoRAConfig(r=2), name="l")
-    shapes = {k: v for n in ("a", "b", "c") for k, v in m.peftlab_shared[f"{n}__0"].shapes.items()}
+    shapes = {k: v for n in ("a", "b", "c") for k, v in m.peftlab_shared[n].shapes.items()}
     assert shapes["model-layers-0-self_attn"][0] == 2 and shapes["model-layers-2-self_attn"][0] == 5
     y = out(m, x)
     peftlab.set_active(m, ["a", "b", "l"])
@@ -118,7 +118,7 @@ def test_parts_with_disjoint_layers_and_different_lengths_coexist():
     m.train()
     output_tensor(m(**x)).pow(2).mean().backward()
     grads = {n for n, p in m.named_parameters() if p.grad is not None}
-    assert any("peftlab_shared.c__0" in n for n in grads) and grads <= set(peftlab.trainable_parameters(m))
+    assert any("peftlab_shared.c." in n for n in grads) and grads <= set(peftlab.trainable_parameters(m))
 
 
 def test_materialize_keeps_outputs_and_drops_the_mlp(tmp_path):
@@ -157,7 +157,7 @@ def test_past_mode_equals_peft_prefix_tuning(family, task):
     x = tiny_inputs(family)
     ours = peftlab.attach(copy.deepcopy(base), peftlab.get_config("prefix", mode="past", num_virtual_tokens=3,
                                                                   reparameterize=False))
-    enc = ours.peftlab_shared["default__0"]
+    enc = ours.peftlab_shared["default"]
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)).eval()
     w = theirs.prompt_encoder["default"].embedding.weight  # (l, layers · 2 · kv_dim), peft's layout
     with torch.no_grad():

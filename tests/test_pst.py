@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import sparse
 from peftlab.testing import output_tensor, tiny_inputs, tiny_model
-from peftlab.tuners.pst import PSTLayer, sparsity_at, top_mask
+from peftlab.tuners.sparsity import export as sparse
+from peftlab.tuners.sparsity.base import sparsity_at, top_mask
+from peftlab.tuners.sparsity.pst import PSTLayer
 
 
 def out(m, x):
@@ -186,7 +187,7 @@ def test_pst_trains_through_the_loop_hooks():
 
 # ---------------------------------------------------------------- movement pruning baseline
 def test_movement_scores_get_the_straight_through_movement_gradient():
-    from peftlab.tuners.movement import MovementLayer
+    from peftlab.tuners.sparsity.movement import MovementLayer
 
     layer = MovementLayer(6, 5).double()
     w, w_eff = _backward_at_half_sparsity(layer, ("delta", "scores"))

@@ -49,7 +49,7 @@ def test_encoder_decoder_is_one_sequence_and_explicit_sizes():
     m = tiny_model("bart")  # 2 encoder + 2 decoder blocks
     cfg = peftlab.get_config("s4", group_sizes=[1, 1, 1, 1], strategies=[["L"], ["B"], ["A"], ["P"]], budget=0.05)
     peftlab.attach(m, cfg)
-    plan = cfg.report_plan()
+    plan = cfg.plan(m)
     assert plan["groups"] == [[0], [1], [2], [3]]
     names = {n for n, s in peftlab.core.slots(m)}
     assert any(n.startswith("model.encoder.layers.0") and n.endswith("q_proj") for n in names)  # L on encoder 0
@@ -64,7 +64,7 @@ def test_strategy_mixes_on_every_family(family):
     with_p = family in ("bert", "roberta", "gpt2", "llama", "opt", "bart")
     strategies = PRESETS["s4-model"] if with_p else [["A", "L"], ["A", "B"], ["A", "B", "L"], ["B", "L"]]
     peftlab.attach(m, peftlab.get_config("s4", budget=0.05, strategies=strategies))
-    methods = {type(p).__name__ for p in peftlab.get_adapter_config(m).parts()}
+    methods = {type(p).__name__ for _, p in peftlab.adapter_parts(m)}
     assert {"BitFitConfig", "AdapterConfig", "LoRAConfig"} <= methods
     assert ("PrefixConfig" in methods) == with_p
     output_tensor(m(**x)).pow(2).mean().backward()
@@ -88,7 +88,7 @@ def test_budget_solver_realised_counts_within_tolerance():
             m = transformers.BertForSequenceClassification(cfg)
             s4 = peftlab.get_config("s4", preset=preset, budget=0.05, allocation=alloc)
             peftlab.attach(m, s4)
-            plan = s4.report_plan()
+            plan = s4.plan(m)
             realised = peftlab.report(m).adapters[0].params
             assert 0.7 * plan["budget"] <= realised <= plan["budget"], (preset, alloc, realised, plan["budget"])
             widths = [r.get("adapter_width") for r in plan["layers"].values() if "adapter_width" in r]
@@ -100,7 +100,7 @@ def test_tuned_groups_subset_and_presets():
     m = tiny_model("llama")
     s4 = peftlab.get_config("s4", tuned_groups=[1, 2], budget=0.05)
     peftlab.attach(m, s4)
-    assert sorted(s4.report_plan()["layers"]) == [1, 2]
+    assert sorted(s4.plan(m)["layers"]) == [1, 2]
     layers = {int(n.split(".")[2]) for n, _ in peftlab.core.slots(m) if n.startswith("model.layers.")}
     assert layers == {1, 2}
     assert peftlab.get_config("s4", preset="s4-3b-model").strategies == [list(s) for s in PRESETS["s4-3b-model"]]

@@ -6,27 +6,26 @@
     peftlab.save(model, "my-adapter")
 """
 
-__version__ = "0.1.0"
-
-from .config import MethodConfig  # noqa: E402
-from .core import (  # noqa: E402
+from ._version import __version__
+from .compose import ComposeConfig, compose
+from .config import MethodConfig
+from .core import (
     adapter_names,
+    adapter_parts,
     attach,
-    checkpoint_eligible,
     delete,
     disabled,
     get_adapter_config,
     merge,
-    on_train_step,
     set_active,
     trainable_parameters,
-    training_loss,
     unload,
     unmerge,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    ConfigError,
     CorruptAdapterError,
     IncompatibleAdapterError,
     NotMergeableError,
@@ -35,31 +34,30 @@ from .errors import (  # noqa: E402
     UnknownMethodError,
     UnsupportedArchitectureError,
 )
-from .interop.peft_format import export_peft, import_peft  # noqa: E402
-from .registry import config_class, get_config, methods  # noqa: E402
-from .report import report  # noqa: E402
-from .state import load, save  # noqa: E402
-from .tuners.bitfit import BitFitConfig  # noqa: E402
-from .tuners.dora import DoRAConfig  # noqa: E402
-from .tuners.ia3 import IA3Config  # noqa: E402
-from .tuners.lora import LoRAConfig  # noqa: E402
+from .hooks import before_optimizer_step, checkpoint_eligible, on_train_step, training_loss
+from .interop.peft_format import export_peft, import_peft
+from .registry import config_class, get_config, methods
+from .report import report
+from .state import load, save
+from .tuners.bitfit import BitFitConfig
+from .tuners.dora import DoRAConfig
+from .tuners.ia3 import IA3Config
+from .tuners.lora import LoRAConfig
 
 __all__ = [
-    "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "CorruptAdapterError", "DoRAConfig",
-    "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig", "NotMergeableError",
-    "PeftlabError", "TargetNotFoundError", "UnknownMethodError", "UnsupportedArchitectureError",
-    "adapter_names", "attach", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
-    "load", "merge", "methods", "report", "save", "set_active", "trainable_parameters", "training_loss",
-    "unload", "unmerge",
+    "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "ComposeConfig", "ConfigError",
+    "CorruptAdapterError", "DoRAConfig", "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig",
+    "NotMergeableError", "PeftlabError", "TargetNotFoundError", "UnknownMethodError",
+    "UnsupportedArchitectureError", "__version__", "adapter_names", "adapter_parts", "attach",
+    "before_optimizer_step", "checkpoint_eligible", "compose", "config_class", "delete", "disabled",
+    "export_peft", "get_adapter_config", "get_config", "import_peft", "load", "merge", "methods",
+    "on_train_step", "report", "save", "set_active", "trainable_parameters", "training_loss", "unload", "unmerge",
 ]
 
 
 def __getattr__(name: str):
     """Config classes of methods registered later (``peftlab.GOFTConfig`` ...) by class name."""
-    from .registry import _REGISTRY, _ensure_loaded
-
-    _ensure_loaded()
-    for cls in _REGISTRY.values():
+    for cls in map(config_class, methods()):
         if cls.__name__ == name:
             return cls
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

@@ -10,6 +10,12 @@ class UnknownMethodError(PeftlabError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ConfigError(PeftlabError, ValueError, TypeError):
+    """A config field has a wrong type or an out-of-range value (the message names the field).
+
+    A ValueError and a TypeError, so callers written against the plain exceptions keep working."""
+
+
 class TargetNotFoundError(PeftlabError, ValueError):
     """No module of the model matched the target selection."""
 
@@ -36,4 +42,4 @@ class IncompatibleAdapterError(PeftlabError, ValueError):
 
 
 class CorruptAdapterError(PeftlabError, ValueError):
-    """A saved adapter file is unreadable, truncated or fails its checksum."""
+    """A saved adapter file is unreadable, truncated, malformed or fails its checksum."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .slot import walk
+
 
 @dataclass(frozen=True)
 class Family:
@@ -213,8 +215,6 @@ def find_blocks(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
     ``layer``/``layers``/``h``/``block``/``blocks`` is taken as the stack.
     """
     fam = family_of(model)
-    from .slot import walk
-
     lists = [(n, m) for n, m in walk(model) if isinstance(m, nn.ModuleList)]
     stacks: list[tuple[str, nn.ModuleList]] = []
     if fam is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .errors import UnknownMethodError
+from .errors import ConfigError, UnknownMethodError
 
 _REGISTRY: dict[str, type] = {}
 
@@ -29,7 +29,9 @@ def register(cls: type) -> type:
 
 
 def _ensure_loaded() -> None:
-    from . import tuners  # noqa: F401  (importing registers the built-in methods)
+    """Import the built-in methods (registering them). Deferred to the first look-up: the tuners import
+    the config base, which imports this module."""
+    from . import compose, tuners  # noqa: F401
 
 
 def methods() -> list[str]:
@@ -43,9 +45,7 @@ def config_class(name: str) -> type:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UnknownMethodError(
-            f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+        raise UnknownMethodError(f"unknown method {name!r}; registered methods: {', '.join(methods())}") from None
 
 
 def get_config(name: str, **params: Any):
@@ -54,7 +54,7 @@ def get_config(name: str, **params: Any):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise TypeError(
+        raise ConfigError(
             f"{cls.__name__} got unknown parameter(s) {', '.join(unknown)}; "
             f"valid parameters: {', '.join(sorted(fields))}"
         )

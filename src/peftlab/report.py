@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .core import _adapter_params, has_adapters, state
-from .slot import resolve
+from .context import context_for
+from .core import adapter_parameters, has_adapters, state
+from .errors import PeftlabError
+from .slot import adapter_key, display_key, resolve
 
 
 @dataclass
@@ -19,6 +21,7 @@ class AdapterRow:
     trainable: int  # of which currently trainable
     head: int  # parameters of the trained task head
     formula: int | None  # count predicted by the method's formula, where defined
+    parts: list[str] = field(default_factory=list)  # a composite's parts: "default.lora", "default.adapter"
 
 
 @dataclass
@@ -56,6 +59,8 @@ class Report:
             lines.append(
                 f"{r.name:<14}{r.method:<12}{'yes' if r.active else 'no':<8}{r.params:>12,}{r.trainable:>12,}{r.head:>10,}{f:>12}"
             )
+            if r.parts:
+                lines.append(f"  parts: {', '.join(r.parts)}")
         lines.append("-" * len(head))
         lines.append(
             f"trainable {self.trainable:,} of {self.total:,} parameters "
@@ -70,21 +75,18 @@ def report(model: nn.Module) -> Report:
     rows: list[AdapterRow] = []
     adapter_total = 0
     if has_adapters(model):
-        from .targets import select
-
         st = state(model)
         for name, cfg in st.configs.items():
-            ps = list({id(p): p for p in _adapter_params(model, name)}.values())
+            ps = list({id(p): p for p in adapter_parameters(model, name)}.values())
             n = sum(p.numel() for p in ps)
             adapter_total += n
             head = sum(p.numel() for h in st.heads.get(name, []) for p in resolve(model, h).parameters())
-            formula = None
             try:
-                counts = [part.formula_count(select(model, part)) for part in cfg.parts()]
+                counts = [part.formula_count(context_for(model, part, name, label)) for label, part in st.parts[name]]
                 formula = None if any(c is None for c in counts) else sum(counts)
-            except Exception:
+            except PeftlabError:  # a part's selection no longer matches (modules replaced since attach)
                 formula = None
-            rows.append(
-                AdapterRow(name, cfg.method, name in st.active, n, sum(p.numel() for p in ps if p.requires_grad), head, formula)
-            )
+            parts = [display_key(adapter_key(name, label)) for label, _ in st.parts[name] if label is not None]
+            rows.append(AdapterRow(name, cfg.method, name in st.active, n, sum(p.numel() for p in ps if p.requires_grad),
+                                   head, formula, parts))
     return Report(total=total, base=total - adapter_total, trainable=trainable, adapters=rows)

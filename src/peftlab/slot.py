@@ -46,10 +46,40 @@ class Adapter(nn.Module):
     def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
 
+    @property
+    def shared(self) -> nn.Module | None:
+        """The module shared by all adapters of this config part (``build_shared``), bound by the core.
+        A reference, not a submodule: the shared module is registered once, in ``model.peftlab_shared``."""
+        return self.__dict__.get("_peftlab_shared")
 
-def owner(key: str) -> str:
-    """The adapter name a slot key belongs to ("name" or "name__<part>")."""
-    return key.split("__", 1)[0]
+
+def bind_shared(adapter: nn.Module, shared: nn.Module | None) -> None:
+    """Give ``adapter`` its (non-owning) reference to the shared module; only the core calls this."""
+    adapter.__dict__["_peftlab_shared"] = shared
+
+
+# ---------------------------------------------------------------- adapter keys
+# A slot (and ``model.peftlab_shared``) stores adapter ``name``'s modules under the key ``name``, or
+# ``name__<part>`` for the labelled parts of a composite config (ModuleDict keys cannot contain '.').
+# Users see ``name.<part>``. Adapter names never contain "__" or ".", so the key parses back uniquely.
+PART_SEP = "__"
+
+
+def adapter_key(name: str, part: str | None = None) -> str:
+    """The one writer of adapter keys."""
+    return name if part is None else f"{name}{PART_SEP}{part}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """The one parser of adapter keys: (adapter name, part label or None)."""
+    name, _, part = key.partition(PART_SEP)
+    return name, part or None
+
+
+def display_key(key: str) -> str:
+    """``default`` / ``default.lora``: how reports and errors name an adapter key."""
+    name, part = split_key(key)
+    return name if part is None else f"{name}.{part}"
 
 
 class Slot(nn.Module):
@@ -103,13 +133,13 @@ class Slot(nn.Module):
         return self.weight_oi().shape[0]
 
     # ---- adapter management
-    # Keys are adapter names; a composite config whose parts meet on one module adds "name__<part>".
     def keys_of(self, name: str) -> list[str]:
-        return [k for k in self.adapters if owner(k) == name]
+        """Keys of adapter ``name`` here (all its parts)."""
+        return [k for k in self.adapters if split_key(k)[0] == name]
 
     def add(self, key: str, adapter: nn.Module, active: bool = True) -> None:
         if key in self.adapters:
-            raise AdapterExistsError(f"adapter {key!r} already exists on this module")
+            raise AdapterExistsError(f"adapter {display_key(key)!r} already exists on this module")
         self.adapters[key] = adapter
         if active:
             self.active.append(key)
@@ -121,7 +151,7 @@ class Slot(nn.Module):
             raise NotMergeableError(f"adapter {name!r} is merged; unmerge before deleting it")
         for k in keys:
             del self.adapters[k]
-        self.active = [a for a in self.active if owner(a) != name]
+        self.active = [a for a in self.active if a not in keys]
         self.refresh()
 
     def set_active(self, names) -> None:
@@ -137,7 +167,7 @@ class Slot(nn.Module):
         todo = [n for n in self.active if n not in self.merged]
         for n in todo:
             if not getattr(self.adapters[n], "mergeable", False):
-                raise NotMergeableError(f"adapter {n!r} ({type(self.adapters[n]).__name__}) cannot be merged")
+                raise NotMergeableError(f"adapter {display_key(n)!r} ({type(self.adapters[n]).__name__}) cannot be merged")
         with torch.no_grad():
             for n in todo:
                 self.adapters[n].merge(self)

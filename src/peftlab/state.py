@@ -2,10 +2,17 @@
 
 The JSON holds the method, its hyper-parameters, the targeted module names, the peftlab version, a
 fingerprint of the base model (model type and the shapes of targeted weights) and the SHA-256 of the
-tensor file. Tensor keys are ``<module path>::<adapter param>`` for slot adapters,
-``shared::<part>::<param>`` for shared modules and ``head::<param name>`` for trained heads.
-Safetensors only, never pickle. Every check runs before the model is touched; a failure while
-filling in the tensors rolls the attachment back.
+tensor file. Tensor keys (format 2) are ``<module path>::<param>`` for a slot adapter,
+``<module path>::<part>/<param>`` for a part of a composite config, ``shared::<param>`` /
+``shared::<part>/<param>`` for shared modules and ``head::<head module>.<param>`` for trained heads;
+folders of format 1 (numbered parts) are translated on load. Safetensors only, never pickle.
+
+``save`` writes the whole folder under a fresh temporary name beside the destination (created
+exclusively, so nothing planted there is followed) and swaps it in with renames. ``load`` checks
+everything it can before touching the model, only loads the heads the config declares (with the
+declared shapes) and is a transaction: on any failure the model is exactly as before. A malformed
+folder raises :class:`CorruptAdapterError` naming the file and key; ``delete`` restores the head
+values ``load`` replaced.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,16 +28,25 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
-from .core import attach, delete, get_adapter_config, shared_key, slots, state
-from .errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError
+from ._version import __version__
+from .core import (
+    attach,
+    check_name,
+    get_adapter_config,
+    restore_heads,
+    shared_modules,
+    slots,
+    state,
+    transaction,
+)
+from .errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError, PeftlabError
 from .registry import config_class
-from .slot import resolve
+from .slot import resolve, split_key
 
 CONFIG_NAME = "peftlab_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "peftlab-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _sha256(path: Path) -> str:
@@ -59,39 +76,40 @@ def fingerprint(model: nn.Module, targets: list[str]) -> dict:
     }
 
 
+def tensor_key(scope: str, part: str | None, param: str) -> str:
+    """The one writer of file tensor keys: scope is a module path, ``shared`` or ``head``."""
+    return f"{scope}::{param}" if part is None else f"{scope}::{part}/{param}"
+
+
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """All tensors that make up adapter ``name`` (slot adapters, shared modules, heads)."""
-    st = state(model)
     get_adapter_config(model, name)
     out: dict[str, torch.Tensor] = {}
     for path, slot in slots(model):
         for key in slot.keys_of(name):
-            part = "" if key == name else key[len(name):] + "/"  # composite configs: "__<part>/"
             for k, v in slot.adapters[key].state_dict().items():
-                out[f"{path}::{part}{k}"] = v
-    sh = model._modules.get("peftlab_shared") or {}
-    for i in range(len(st.configs[name].parts())):
-        key = shared_key(name, i)
-        if key in sh:
-            for k, v in sh[key].state_dict().items():
-                out[f"shared::{i}::{k}"] = v
-    for h in st.heads.get(name, []):
+                out[tensor_key(path, split_key(key)[1], k)] = v
+    for key, m in shared_modules(model).items():
+        if split_key(key)[0] == name:
+            for k, v in m.state_dict().items():
+                out[tensor_key("shared", split_key(key)[1], k)] = v
+    for h in state(model).heads.get(name, []):
         for k, v in resolve(model, h).state_dict().items():
-            out[f"head::{h}.{k}"] = v
+            out[tensor_key("head", None, f"{h}.{k}")] = v
     return out
 
 
 def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter ``name`` to directory ``path`` (atomically replacing the two files)."""
+    """Write adapter ``name`` to directory ``path``, replacing it as a whole (files there that are not part
+    of an adapter are carried over)."""
     config = get_adapter_config(model, name)
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     targets = [p for p, s in slots(model) if s.keys_of(name)]
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".adapter.", suffix=".tmp")
-    os.close(fd)
+    tmp = Path(tempfile.mkdtemp(dir=path.absolute().parent, prefix=f".{path.name}.tmp-"))
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "peftlab": __version__})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "peftlab": __version__})
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -102,33 +120,76 @@ def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Pa
             "targets": targets,
             "heads": state(model).heads.get(name, []),
             "fingerprint": fingerprint(model, targets),
-            "sha256": _sha256(Path(tmp)),
+            "sha256": _sha256(tmp / WEIGHTS_NAME),
             "n_tensors": len(tensors),
         }
-        os.replace(tmp, path / WEIGHTS_NAME)
+        with open(tmp / CONFIG_NAME, "x") as f:
+            f.write(json.dumps(meta, indent=2, sort_keys=True))
+        _swap_in(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmpj = path / (CONFIG_NAME + ".tmp")
-    tmpj.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmpj, path / CONFIG_NAME)
     return path
 
 
+def _swap_in(tmp: Path, path: Path) -> None:
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise PeftlabError(f"{path}: exists and is not a directory; not replacing it")
+    for e in path.iterdir():  # carry over what is not ours (notes, a README ...)
+        if e.name not in (CONFIG_NAME, WEIGHTS_NAME) and not e.name.startswith(CONFIG_NAME):
+            if e.is_dir() and not e.is_symlink():
+                shutil.copytree(e, tmp / e.name, symlinks=True)
+            else:
+                shutil.copy2(e, tmp / e.name, follow_symlinks=False)
+    old = Path(tempfile.mkdtemp(dir=path.absolute().parent, prefix=f".{path.name}.old-"))
+    os.rename(path, old / "previous")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old / "previous", path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _field(meta: dict, key: str, types, where: Path, default=None, required: bool = True):
+    if key not in meta:
+        if required:
+            raise CorruptAdapterError(f"{where}: missing field {key!r}")
+        return default
+    v = meta[key]
+    if not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise CorruptAdapterError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
 def read_meta(path: str | os.PathLike) -> dict:
+    """The parsed peftlab_config.json, every field the loader uses type-checked (CorruptAdapterError)."""
     path = Path(path)
     cfg = path / CONFIG_NAME
     if not cfg.is_file():
         raise CorruptAdapterError(f"{path}: no {CONFIG_NAME} (is this a peftlab adapter directory?)")
     try:
         meta = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CorruptAdapterError(f"{cfg}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorruptAdapterError(f"{cfg}: not a peftlab adapter config")
-    for key in ("method", "config", "targets", "fingerprint", "sha256"):
-        if key not in meta:
-            raise CorruptAdapterError(f"{cfg}: missing field {key!r}")
+    if _field(meta, "format_version", int, cfg, 1, required=False) not in (1, 2):
+        raise CorruptAdapterError(f"{cfg}: unsupported format_version {meta['format_version']!r}")
+    _field(meta, "method", str, cfg)
+    _field(meta, "config", dict, cfg)
+    _field(meta, "sha256", str, cfg)
+    _field(meta, "name", (str, type(None)), cfg, required=False)
+    for key in ("targets", "heads"):
+        v = _field(meta, key, list, cfg, [], required=key == "targets")
+        if not all(isinstance(x, str) for x in v):
+            raise CorruptAdapterError(f"{cfg}: field {key!r} must be a list of module names")
+    fp = _field(meta, "fingerprint", dict, cfg)
+    if not isinstance(fp.get("shapes", {}), dict):
+        raise CorruptAdapterError(f"{cfg}: field 'fingerprint.shapes' must be a mapping")
     return meta
 
 
@@ -169,44 +230,84 @@ def check_fingerprint(model: nn.Module, meta: dict) -> None:
         raise IncompatibleAdapterError("adapter does not fit this base model: " + "; ".join(problems))
 
 
+def _upgrade_v1(tensors: dict[str, torch.Tensor], labels: list[str | None]) -> dict[str, torch.Tensor]:
+    """Format 1 numbered the parts of a composite: ``<path>::__<i>/<param>`` (part 0 unnumbered) and
+    ``shared::<i>::<param>``; format 2 names them by label."""
+    out = {}
+    for k, v in tensors.items():
+        scope, _, rest = k.partition("::")
+        part, param = 0, rest
+        if scope == "shared":
+            i, _, param = rest.partition("::")
+            part = int(i) if i.isdigit() else -1
+        elif scope != "head" and rest.startswith("__"):
+            i, _, param = rest[2:].partition("/")
+            part = int(i) if i.isdigit() else -1
+        if scope != "head" and not 0 <= part < len(labels):
+            raise CorruptAdapterError(f"tensor {k!r}: no part {part} in this config (format 1)")
+        out[k if scope == "head" else tensor_key(scope, labels[part], param)] = v
+    return out
+
+
 def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, is_trainable: bool = True) -> nn.Module:
     """Attach the adapter saved in ``path`` under ``name`` (default: the saved name)."""
+    path = Path(path)
     meta = read_meta(path)
     name = name or meta.get("name") or "default"
+    check_name(name)
     cls = config_class(meta["method"])
     try:
         config = cls.from_dict(meta["config"])
-    except (TypeError, ValueError) as e:
-        raise CorruptAdapterError(f"{path}: invalid config for method {meta['method']!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # ConfigError, and what a method's own validate raises
+        raise CorruptAdapterError(f"{path / CONFIG_NAME}: 'config' is invalid for method {meta['method']!r}: {e}") from None
     tensors = read_tensors(path, meta)
-    if getattr(model, "peftlab_state", None) is not None and name in model.peftlab_state.configs:
+    if name in (model.__dict__.get("peftlab_state").configs if model.__dict__.get("peftlab_state") else {}):
         raise AdapterExistsError(f"an adapter named {name!r} is already attached")
     check_fingerprint(model, meta)
-    heads = {k[len("head::"):]: v for k, v in tensors.items() if k.startswith("head::")}
-    own = {n: p for n, p in model.state_dict().items()}
-    for k, v in heads.items():
-        if k not in own or own[k].shape != v.shape:
-            raise IncompatibleAdapterError(f"head tensor {k}: shape {tuple(v.shape)} does not fit this model")
-    attach(model, config, name)
-    try:
-        expected = adapter_state_dict(model, name)
-        exp_keys = {k for k in expected if not k.startswith("head::")}
-        got_keys = {k for k in tensors if not k.startswith("head::")}
-        if exp_keys != got_keys:
-            miss, extra = sorted(exp_keys - got_keys), sorted(got_keys - exp_keys)
-            raise IncompatibleAdapterError(f"adapter tensors do not match: missing {miss[:5]}, unexpected {extra[:5]}")
-        for k in exp_keys:
-            if expected[k].shape != tensors[k].shape:
-                raise IncompatibleAdapterError(f"{k}: shape {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}")
-        with torch.no_grad():
-            for k in exp_keys:
-                expected[k].copy_(tensors[k])
-            for k, v in heads.items():
-                own[k].copy_(v)
-    except BaseException:
-        delete(model, name)
-        raise
+    with transaction(model, name) as st:
+        try:
+            attach(model, config, name)
+        except PeftlabError:
+            raise
+        except Exception as e:  # a config that validates but cannot be built (absurd sizes ...)
+            raise CorruptAdapterError(f"{path / CONFIG_NAME}: cannot attach this adapter ({type(e).__name__}: {e})") from e
+        if meta.get("format_version", 1) == 1:
+            tensors = _upgrade_v1(tensors, [label for label, _ in st.parts[name]])
+        _fill(model, name, tensors, st)
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], st) -> None:
+    """Copy the file's tensors into adapter ``name``; heads only where the config declares them."""
+    expected = adapter_state_dict(model, name)
+    is_head = lambda k: k.startswith("head::")  # noqa: E731
+    exp_keys = {k for k in expected if not is_head(k)}
+    got_keys = {k for k in tensors if not is_head(k)}
+    if exp_keys != got_keys:
+        miss, extra = sorted(exp_keys - got_keys), sorted(got_keys - exp_keys)
+        raise IncompatibleAdapterError(f"adapter tensors do not match: missing {miss[:5]}, unexpected {extra[:5]}")
+    heads = {k for k in tensors if is_head(k)}
+    undeclared = sorted(heads - set(expected))
+    if undeclared:
+        raise IncompatibleAdapterError(
+            f"head tensors {undeclared[:5]} are not parameters of the heads this config declares ({st.heads[name]})")
+    for k in exp_keys | heads:
+        if expected[k].shape != tensors[k].shape:
+            raise IncompatibleAdapterError(f"{k}: shape {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}")
+    backup = {}
+    for h in st.heads[name]:
+        for k, v in resolve(model, h).state_dict().items():
+            if tensor_key("head", None, f"{h}.{k}") in heads:
+                backup.setdefault(h, {})[k] = v.detach().clone()
+    try:
+        with torch.no_grad():
+            for k in exp_keys | heads:
+                expected[k].copy_(tensors[k])
+    except BaseException:
+        restore_heads(model, backup)
+        raise
+    st.head_backup[name] = backup
+

@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import TargetNotFoundError
 from .families import Family, family_of, find_blocks
+from .slot import Slot, walk
 
 KIND_CLASSES: dict[str, tuple[str, ...]] = {
     "linear": ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "Linear4bit", "Linear8bitLt"),
@@ -23,8 +24,6 @@ KIND_CLASSES: dict[str, tuple[str, ...]] = {
 
 
 def module_kind(module: nn.Module) -> str | None:
-    from .slot import Slot
-
     if isinstance(module, Slot):
         module = module.base
     cls = type(module).__name__
@@ -57,8 +56,6 @@ def _roles_of(fam: Family | None, rel: str) -> list[str]:
 
 def iter_candidates(model: nn.Module):
     """Yield a Target for every module of the model (skipping peftlab's own modules)."""
-    from .slot import Slot, walk
-
     fam = family_of(model)
     blocks = _block_index(model)
     for name, mod in walk(model):
@@ -82,7 +79,7 @@ def select(model: nn.Module, config, roles: tuple[str, ...] | None = None) -> li
     """Match ``config``'s selection against ``model``; raise if nothing matches."""
     fam = family_of(model)
     wanted = config.targets if config.targets is not None else list(roles or config.default_targets(model))
-    accepts = set(config.accepts)
+    accepts = set(config.target_kinds())
     layers = set(config.layers) if config.layers is not None else None
     regex = re.compile(config.target_regex) if config.target_regex else None
     classes = set(config.target_classes) if config.target_classes else None
@@ -123,7 +120,7 @@ def select(model: nn.Module, config, roles: tuple[str, ...] | None = None) -> li
 
 
 def _miss_message(model, config, wanted, fam, cands) -> str:
-    kinds = set(config.accepts)
+    kinds = set(config.target_kinds())
     names = sorted({t.name for t, _ in cands if t.kind in kinds})
     suffixes = sorted({n.split(".")[-1] for n in names})
     where = f"{type(model).__name__} (model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r})"

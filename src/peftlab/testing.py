@@ -9,11 +9,13 @@ FAMILIES = ("bert", "roberta", "deberta-v2", "gpt2", "llama", "opt", "bart", "t5
 H, L, HEADS, FF, VOCAB = 32, 4, 4, 64, 101
 
 
-def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Module:
-    """A small randomly initialized model (hidden 32, 4 blocks or ``layers``; enc-dec: 2 + 2) in eval mode."""
+def tiny_model(family: str, seed: int = 0, layers: int | None = None, hidden: int | None = None) -> nn.Module:
+    """A small randomly initialized model (hidden 32 or ``hidden``, a multiple of 4; 4 blocks or ``layers``;
+    enc-dec: 2 + 2) in eval mode."""
     import transformers as tf
 
     L = layers or globals()["L"]  # noqa: N806
+    H = hidden or globals()["H"]  # noqa: N806
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB)
@@ -47,7 +49,7 @@ def tiny_model(family: str, seed: int = 0, layers: int | None = None) -> nn.Modu
                             max_position_embeddings=64, **common)
         m = tf.BartForConditionalGeneration(cfg)
     elif family == "t5":
-        cfg = tf.T5Config(d_model=H, d_kv=8, d_ff=FF, num_layers=2, num_decoder_layers=2, num_heads=HEADS,
+        cfg = tf.T5Config(d_model=H, d_kv=H // HEADS, d_ff=FF, num_layers=2, num_decoder_layers=2, num_heads=HEADS,
                           decoder_start_token_id=0, **common)
         m = tf.T5ForConditionalGeneration(cfg)
     elif family == "vit":

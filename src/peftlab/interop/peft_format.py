@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core import attach, delete, get_adapter_config, slots, state
+from ..core import adapter_names, adapter_parts, attach, get_adapter_config, slots, state, transaction
 from ..errors import (
     AdapterExistsError,
     CorruptAdapterError,
@@ -26,7 +26,7 @@ from ..errors import (
     PeftlabError,
     UnknownMethodError,
 )
-from ..registry import _REGISTRY, _ensure_loaded
+from ..registry import config_class, methods
 from ..slot import resolve as resolve_module
 from ..slot import walk
 from ..targets import iter_candidates
@@ -56,7 +56,7 @@ def _adapters(model: nn.Module, name: str) -> dict[str, nn.Module]:
 
 def to_peft_config_dict(model: nn.Module, name: str = "default") -> dict:
     cfg = get_adapter_config(model, name)
-    if cfg.peft_type is None or len(cfg.parts()) != 1:
+    if cfg.peft_type is None or adapter_parts(model, name) != [(None, cfg)]:
         raise PeftlabError(f"method {cfg.method!r} has no equivalent in peft's format")
     ads = _adapters(model, name)
     heads = state(model).heads.get(name, [])
@@ -147,14 +147,13 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     """Attach a peft-format adapter (LoRA, DoRA, (IA)³) as peftlab adapter ``name``."""
     path = Path(path)
     d, tensors = _read(path)
-    if name in getattr(model, "peftlab_state", None).configs if hasattr(model, "peftlab_state") else False:
+    if name in adapter_names(model):
         raise AdapterExistsError(f"an adapter named {name!r} is already attached")
     if d.get("layers_to_transform") is not None:
         raise PeftlabError("peft's layers_to_transform is not supported on import; use target_modules names")
-    _ensure_loaded()
     resolve = _resolver(model, d.get("exclude_modules"))
     fields, cls = None, None
-    for c in _REGISTRY.values():
+    for c in map(config_class, methods()):
         try:
             fields = c.from_peft_fields(d, resolve)
         except ValueError as e:
@@ -170,8 +169,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     all_names = {n for n, _ in walk(model)}
     mts = [m for m in (d.get("modules_to_save") or []) if m in all_names or any(n.endswith("." + m) for n in all_names)]
     config = cls.from_dict({**fields, "targets": targets, "modules_to_save": mts})
-    attach(model, config, name)
-    try:
+    with transaction(model, name):  # on any failure the model is as before
+        attach(model, config, name)
         used = set()
         with torch.no_grad():
             for p, ad in _adapters(model, name).items():
@@ -203,7 +202,4 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
                     key = f"{PREFIX}{h}.{k}"
                     if key in tensors:
                         msd[f"{h}.{k}"].copy_(tensors[key])
-    except BaseException:
-        delete(model, name)
-        raise
     return model

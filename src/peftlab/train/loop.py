@@ -220,6 +220,7 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
             loss_val += loss.item() / t.grad_accum
         if t.max_grad_norm:
             (acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(list(params.values()), t.max_grad_norm)
+        peftlab.before_optimizer_step(raw, step, total)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

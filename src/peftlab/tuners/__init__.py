@@ -8,10 +8,9 @@ from . import (  # noqa: F401
     ia3,
     lora,
     meft,
-    movement,
     parallel_adapter,
     prefix,
     prompt,
-    pst,
     s4,
+    sparsity,
 )

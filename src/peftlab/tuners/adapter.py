@@ -27,7 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
+from ..config import POSITIVE, SIZE, MethodConfig
+from ..errors import ConfigError
 from ..registry import register
 from ..slot import Adapter, linear_dims
 
@@ -74,15 +75,14 @@ def bottleneck_for(cfg, d: int, layer: int | None) -> int:
     return max(1, int(d // cfg.reduction_factor))
 
 
-def _check_common(cfg) -> None:
+BOTTLENECK_LIMITS = MethodConfig.limits | {"bottleneck": SIZE, "layer_bottleneck": SIZE, "reduction_factor": POSITIVE}
+
+
+def check_bottleneck_fields(cfg) -> None:
     if cfg.activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
-    if cfg.bottleneck is not None and cfg.bottleneck < 1:
-        raise ValueError(f"bottleneck must be >= 1, got {cfg.bottleneck}")
+        raise ConfigError(f"{type(cfg).__name__}.activation: must be one of {sorted(ACTIVATIONS)}, got {cfg.activation!r}")
     if cfg.layer_bottleneck:  # JSON turns int keys into strings: normalise
-        cfg.layer_bottleneck = {str(k): int(v) for k, v in cfg.layer_bottleneck.items()}
-        if any(v < 1 for v in cfg.layer_bottleneck.values()):
-            raise ValueError("layer_bottleneck widths must be >= 1")
+        cfg.layer_bottleneck = {str(k): v for k, v in cfg.layer_bottleneck.items()}
 
 
 @register
@@ -92,6 +92,7 @@ class AdapterConfig(MethodConfig):
 
     method = "adapter"
     default_roles = ("o", "cross_o", "ffn_out")
+    limits = BOTTLENECK_LIMITS
 
     placement: str = "houlsby"
     bottleneck: int | None = None
@@ -103,21 +104,21 @@ class AdapterConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.placement not in ("houlsby", "pfeiffer"):
-            raise ValueError(f"placement must be houlsby or pfeiffer, got {self.placement!r}")
+            raise ConfigError(f"AdapterConfig.placement: must be houlsby or pfeiffer, got {self.placement!r}")
         if self.init not in ("zero", "bert"):
-            raise ValueError(f"init must be zero or bert, got {self.init!r}")
-        _check_common(self)
+            raise ConfigError(f"AdapterConfig.init: must be zero or bert, got {self.init!r}")
+        check_bottleneck_fields(self)
 
     def default_targets(self, model):
         return ["ffn_out"] if self.placement == "pfeiffer" else list(self.default_roles)
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         _, d_out = linear_dims(target.module)
         return SerialAdapter(d_out, bottleneck_for(self, d_out, target.layer), self.activation, self.init)
 
-    def formula_count(self, targets) -> int:
+    def formula_count(self, ctx) -> int:
         total = 0
-        for t in targets:
+        for t in ctx.targets:
             d = linear_dims(t.module)[1]
             m = bottleneck_for(self, d, t.layer)
             total += 2 * d * m + m + d

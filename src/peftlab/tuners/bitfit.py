@@ -72,8 +72,8 @@ class BitFitConfig(MethodConfig):
             return getattr(target.module, "bias", None) is not None
         return True
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         return BiasOffset(_out_size(target.module))
 
-    def formula_count(self, targets) -> int:
-        return sum(_out_size(t.module) for t in targets)
+    def formula_count(self, ctx) -> int:
+        return sum(_out_size(t.module) for t in ctx.targets)

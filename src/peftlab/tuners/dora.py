@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import check_size
 from ..registry import register
 from ..slot import linear_dims
 from .lora import LoRAConfig, LoRALayer
@@ -62,12 +63,11 @@ class DoRAConfig(LoRAConfig):
 
     method = "dora"
 
-    def make_adapter(self, target, shared):
-        from ..slot import Slot
-
-        mod = target.module.base if isinstance(target.module, Slot) else target.module
+    def make_adapter(self, target, ctx):
+        mod = target.module
+        check_size(self, "r", self.r, min(linear_dims(mod)), f"the smaller dimension of {target.name}")
         w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
         return DoRALayer(w, self.r, self.scale, self.dropout)
 
-    def formula_count(self, targets) -> int:
-        return sum(self.r * sum(linear_dims(t.module)) + linear_dims(t.module)[1] for t in targets)
+    def formula_count(self, ctx) -> int:
+        return sum(self.r * sum(linear_dims(t.module)) + linear_dims(t.module)[1] for t in ctx.targets)

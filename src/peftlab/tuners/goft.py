@@ -35,7 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..config import MethodConfig, Range
+from ..core import part_adapters
+from ..errors import ConfigError
 from ..families import family_of
 from ..registry import register
 from ..slot import Adapter, linear_dims
@@ -173,7 +175,7 @@ class GOFTConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.apply not in ("auto", "weight", "activation"):
-            raise ValueError(f"apply must be auto, weight or activation, got {self.apply!r}")
+            raise ConfigError(f"{type(self).__name__}.apply: must be auto, weight or activation, got {self.apply!r}")
 
     _quasi = False
 
@@ -184,13 +186,13 @@ class GOFTConfig(MethodConfig):
             return ["q", "k", "v", "o"]
         return list(self.default_roles)
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         d_in, _ = linear_dims(target.module)
         return GivensRotation(d_in, quasi=self._quasi, scale=self.scale, recompute=self.recompute, apply=self.apply)
 
-    def formula_count(self, targets) -> int:
+    def formula_count(self, ctx) -> int:
         per = 4 if self._quasi else 1
-        return sum(per * (linear_dims(t.module)[0] - 1) + (linear_dims(t.module)[0] if self.scale else 0) for t in targets)
+        return sum(per * (linear_dims(t.module)[0] - 1) + (linear_dims(t.module)[0] if self.scale else 0) for t in ctx.targets)
 
 
 @register
@@ -199,15 +201,13 @@ class QGOFTConfig(GOFTConfig):
     """Quasi-Givens OFT: free 2×2 blocks + the soft-orthogonality regulariser λ Σ⟨α, β⟩²."""
 
     method = "qgoft"
+    limits = MethodConfig.limits | {"reg_lambda": Range(0)}
     reg_lambda: float = 0.01
 
     _quasi = True
 
-    def training_loss(self, model, name):
-        from ..core import slots
-
-        terms = [s.adapters[k].orthogonality_penalty() for _, s in slots(model) for k in s.keys_of(name)
-                 if k in s.active and isinstance(s.adapters[k], GivensRotation)]
+    def training_loss(self, model, key):
+        terms = [a.orthogonality_penalty() for _, a in part_adapters(model, key) if isinstance(a, GivensRotation)]
         return self.reg_lambda * torch.stack(terms).sum() if terms and self.reg_lambda else None
 
 

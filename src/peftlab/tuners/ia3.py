@@ -71,7 +71,7 @@ class IA3Config(MethodConfig):
         ff = self.feedforward if self.feedforward is not None else ["ffn_out"]
         return target.role in ff or any(target.name == s or target.name.endswith("." + s) for s in ff)
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         d_in, d_out = linear_dims(target.module)
         ff = self._is_ff(target)
         return IA3Layer(d_in if ff else d_out, on_input=ff)
@@ -85,5 +85,5 @@ class IA3Config(MethodConfig):
             return None
         return {"feedforward": resolve(d.get("feedforward_modules") or [])}
 
-    def formula_count(self, targets) -> int:
-        return sum(linear_dims(t.module)[0] if self._is_ff(t) else linear_dims(t.module)[1] for t in targets)
+    def formula_count(self, ctx) -> int:
+        return sum(linear_dims(t.module)[0] if self._is_ff(t) else linear_dims(t.module)[1] for t in ctx.targets)

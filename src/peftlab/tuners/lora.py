@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import MethodConfig
+from ..config import FRACTION, POSITIVE, SIZE, MethodConfig, check_size
 from ..registry import register
 from ..slot import Adapter, linear_dims
 
@@ -118,29 +118,25 @@ class LoRAConfig(MethodConfig):
     default_roles = ("q", "v")
     peft_type = "LORA"
 
+    limits = MethodConfig.limits | {"r": SIZE, "alpha": POSITIVE, "dropout": FRACTION}
+
     r: int = 8
     alpha: float | None = None
     dropout: float = 0.0
     use_rslora: bool = False
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def scale(self) -> float:
         alpha = self.r if self.alpha is None else self.alpha
         return alpha / math.sqrt(self.r) if self.use_rslora else alpha / self.r
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         d_in, d_out = linear_dims(target.module)
+        check_size(self, "r", self.r, min(d_in, d_out), f"the smaller dimension of {target.name}")
         return LoRALayer(d_in, d_out, self.r, self.scale, self.dropout)
 
-    def formula_count(self, targets) -> int:
-        return sum(self.r * sum(linear_dims(t.module)) for t in targets)
+    def formula_count(self, ctx) -> int:
+        return sum(self.r * sum(linear_dims(t.module)) for t in ctx.targets)
 
     def to_peft_fields(self, adapters):
         return {"r": self.r, "lora_alpha": self.r if self.alpha is None else self.alpha, "lora_dropout": self.dropout,

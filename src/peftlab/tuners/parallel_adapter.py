@@ -18,19 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import MethodConfig
-from ..errors import UnsupportedArchitectureError
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
 from ..slot import Adapter
-from .adapter import Bottleneck, _check_common, bottleneck_for
-
-
-def _hidden_size(model) -> int:
-    cfg = model.config
-    for k in ("hidden_size", "d_model", "n_embd"):
-        if getattr(cfg, k, None):
-            return int(getattr(cfg, k))
-    raise UnsupportedArchitectureError("cannot determine the hidden size of this model")
+from .adapter import BOTTLENECK_LIMITS, Bottleneck, bottleneck_for, check_bottleneck_fields
 
 
 class ParallelAdapter(Adapter):
@@ -56,6 +48,7 @@ class ParallelAdapterConfig(MethodConfig):
 
     method = "parallel_adapter"
     accepts = ("module",)
+    limits = BOTTLENECK_LIMITS
 
     placement: str = "ffn"
     bottleneck: int | None = None
@@ -68,8 +61,8 @@ class ParallelAdapterConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.placement not in ("ffn", "attn"):
-            raise ValueError(f"placement must be ffn or attn, got {self.placement!r}")
-        _check_common(self)
+            raise ConfigError(f"ParallelAdapterConfig.placement: must be ffn or attn, got {self.placement!r}")
+        check_bottleneck_fields(self)
 
     def default_targets(self, model):
         fam = family_of(model)
@@ -87,14 +80,11 @@ class ParallelAdapterConfig(MethodConfig):
                 f"sub-module that sees both the {self.placement} sub-layer's input and output "
                 f"(OPT/BART compute the FFN inline in the layer). Use the serial 'adapter' or LoRA instead."
             )
-        self._d = _hidden_size(model)
 
-    def make_adapter(self, target, shared):
-        d = self._d
+    def make_adapter(self, target, ctx):
+        d = ctx.hidden_size
         return ParallelAdapter(d, bottleneck_for(self, d, target.layer), self.scaling, self.activation, self.init)
 
-    def formula_count(self, targets) -> int:
-        d = getattr(self, "_d", None)
-        if d is None:
-            return None
-        return sum(2 * d * bottleneck_for(self, d, t.layer) + bottleneck_for(self, d, t.layer) + d for t in targets)
+    def formula_count(self, ctx) -> int:
+        d = ctx.hidden_size
+        return sum(2 * d * bottleneck_for(self, d, t.layer) + bottleneck_for(self, d, t.layer) + d for t in ctx.targets)

@@ -22,17 +22,21 @@ DeBERTa-v2 and ViT attention do not use cache updates and are refused at attach 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig
-from ..errors import UnsupportedArchitectureError
+from ..compose import ComposeConfig
+from ..config import SIZE, MethodConfig
+from ..core import adapter_parts, replace_shared, set_active, shared_modules, state
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter, cache_arg
+from ..slot import Adapter, adapter_key, cache_arg
+from ..targets import select
 
 SUPPORTED = ("bert", "gpt2", "llama", "opt", "bart")
 
@@ -82,9 +86,8 @@ def _extend_mask(mask, l: int, q_len: int, past: int, causal: bool, device):
 class PrefixAttention(Adapter):
     """Slot adapter on one attention module; the prefixes come from the shared PrefixEncoder."""
 
-    def __init__(self, encoder: nn.Module, key: str, causal: bool, signature: inspect.Signature):
+    def __init__(self, key: str, causal: bool, signature: inspect.Signature):
         super().__init__()
-        self._encoder = [encoder]  # shared module, not registered twice
         self.key, self.causal, self.signature = key, causal, signature
         self.cache_key = cache_arg(signature)
 
@@ -93,7 +96,7 @@ class PrefixAttention(Adapter):
         a = bound.arguments
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         hs = a.get("hidden_states")
-        pk, pv = self._encoder[0].prefix(self.key)
+        pk, pv = self.shared.prefix(self.key)
         inner = a.get(self.cache_key)
         if inner is not None and type(inner).__name__ == "EncoderDecoderCache":
             inner = inner.self_attention_cache
@@ -107,9 +110,8 @@ class PrefixPast(Adapter):
     """``mode="past"`` (Hugging Face peft's formulation): on the input stack, the prefixes of every layer
     are handed to the model as ``past_key_values`` (so real tokens' positions start at l)."""
 
-    def __init__(self, encoder: nn.Module, order: list[str], signature: inspect.Signature):
+    def __init__(self, order: list[str], signature: inspect.Signature):
         super().__init__()
-        self._encoder = [encoder]
         self.order, self.signature = order, signature
         self.cache_key = cache_arg(signature)
 
@@ -121,14 +123,14 @@ class PrefixPast(Adapter):
         ref = a.get("input_ids") if a.get("input_ids") is not None else a.get("inputs_embeds")
         b = ref.shape[0]
         past = a.get(self.cache_key)
-        n = self._encoder[0].shapes[self.order[0]][0]
+        n = self.shared.shapes[self.order[0]][0]
         mask = a.get("attention_mask")
         if mask is not None:
             a["attention_mask"] = torch.cat([mask.new_ones(b, n), mask], dim=1)
         if past is None or past.get_seq_length() == 0:
             cache = past if past is not None else DynamicCache()
             for i, key in enumerate(self.order):
-                pk, pv = self._encoder[0].prefix(key)
+                pk, pv = self.shared.prefix(key)
                 cache.update(pk.unsqueeze(0).expand(b, -1, -1, -1), pv.unsqueeze(0).expand(b, -1, -1, -1), i)
             a[self.cache_key] = cache
             for k in ("position_ids", "cache_position"):
@@ -186,6 +188,7 @@ class PrefixConfig(MethodConfig):
     method = "prefix"
     default_roles = ("attn",)
     accepts = ("module",)
+    limits = MethodConfig.limits | {"num_virtual_tokens": SIZE, "encoder_hidden": SIZE, "layer_lengths": SIZE}
 
     num_virtual_tokens: int = 30
     reparameterize: bool = True
@@ -195,16 +198,15 @@ class PrefixConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.num_virtual_tokens < 1:
-            raise ValueError("num_virtual_tokens must be >= 1")
         if self.mode not in ("attention", "past"):
-            raise ValueError(f"mode must be attention or past, got {self.mode!r}")
-        if self.mode == "past":
-            if self.layers is not None or self.layer_lengths:
-                raise ValueError("mode='past' prefixes every layer with one length (no layers / layer_lengths)")
-            self.accepts = ("any",)
-        if self.layer_lengths:
-            self.layer_lengths = {str(k): int(v) for k, v in self.layer_lengths.items()}
+            raise ConfigError(f"PrefixConfig.mode: must be attention or past, got {self.mode!r}")
+        if self.mode == "past" and (self.layers is not None or self.layer_lengths):
+            raise ConfigError("PrefixConfig.mode: 'past' prefixes every layer with one length (no layers / layer_lengths)")
+        if self.layer_lengths:  # JSON turns int keys into strings: normalise
+            self.layer_lengths = {str(k): v for k, v in self.layer_lengths.items()}
+
+    def target_kinds(self) -> tuple[str, ...]:
+        return ("any",) if self.mode == "past" else self.accepts
 
     def check_model(self, model) -> None:
         fam = family_of(model)
@@ -227,8 +229,6 @@ class PrefixConfig(MethodConfig):
         return self.mode != "past" or (target.layer is None and hasattr(target.module, "get_input_embeddings"))
 
     def _attention_targets(self, model):
-        from ..targets import select
-
         if self.mode == "attention":
             return select(model, self)
         return select(model, PrefixConfig(num_virtual_tokens=self.num_virtual_tokens))
@@ -238,42 +238,34 @@ class PrefixConfig(MethodConfig):
             return self.layer_lengths[str(layer)]
         return self.num_virtual_tokens
 
-    def build_shared(self, model):
+    def build_shared(self, ctx):
         shapes = {}
-        for t in self._attention_targets(model):
-            h, hd = kv_geometry(t.module, model.config)
+        for t in self._attention_targets(ctx.model):
+            h, hd = kv_geometry(t.module, ctx.model.config)
             shapes[_key(t.name)] = (self._length(t.layer), h, hd)
-        d = getattr(model.config, "hidden_size", None) or getattr(model.config, "d_model", None) or model.config.n_embd
-        return PrefixEncoder(shapes, d, self.reparameterize, self.encoder_hidden)
+        return PrefixEncoder(shapes, ctx.hidden_size, self.reparameterize, self.encoder_hidden)
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         sig = inspect.signature(target.module.forward)
         if self.mode == "past":
-            return PrefixPast(shared, list(shared.shapes), sig)
-        return PrefixAttention(shared, _key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
-
-    def formula_count(self, targets) -> int | None:
-        if self.reparameterize:
-            return None  # the MLP's size depends on the model width; materialised size is 2·l·d_kv per layer
-        return None
+            return PrefixPast(list(ctx.shared.shapes), sig)
+        return PrefixAttention(_key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
 
 
 def materialize(model: nn.Module, name: str = "default") -> None:
-    """Replace the reparameterisation MLP of adapter ``name`` by the prefixes it produces."""
-    from ..core import _SHARED_ATTR, slots, state
-
-    sh = model._modules[_SHARED_ATTR]
-    for k in [k for k in sh if k.rsplit("__", 1)[0] == name]:
-        flat = sh[k].materialized()
-        sh[k] = flat
-        for _, s in slots(model):
-            for ad in (s.adapters[k] for k in s.keys_of(name)):
-                if isinstance(ad, PrefixAttention) and ad.key in flat.shapes:
-                    ad._encoder = [flat]
-    cfg = state(model).configs[name]
-    for part in cfg.parts():
-        if isinstance(part, PrefixConfig):
-            part.reparameterize = False
-    from ..core import _update_trainable
-
-    _update_trainable(model)
+    """Replace the reparameterisation MLP of adapter ``name`` by the prefixes it produces; the adapter's
+    prefix parts become ``reparameterize=False`` (so it saves and reloads as flat prefixes)."""
+    st = state(model)
+    parts = []
+    for label, part in adapter_parts(model, name):
+        if isinstance(part, PrefixConfig) and part.reparameterize:
+            key = adapter_key(name, label)
+            replace_shared(model, key, shared_modules(model)[key].materialized())
+            part = dataclasses.replace(part, reparameterize=False)
+        parts.append((label, part))
+    st.parts[name] = parts
+    if isinstance(st.configs[name], PrefixConfig):
+        st.configs[name] = parts[0][1]
+    elif isinstance(st.configs[name], ComposeConfig):
+        st.configs[name] = dataclasses.replace(st.configs[name], parts=[p for _, p in parts])
+    set_active(model, list(st.active))  # the new prefixes train like the MLP did

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import MethodConfig
-from ..errors import UnsupportedArchitectureError
+from ..config import SIZE, MethodConfig, Range
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
 from ..slot import Adapter, cache_arg
@@ -81,6 +81,7 @@ class PromptTuningConfig(MethodConfig):
 
     method = "prompt"
     accepts = ("any",)
+    limits = MethodConfig.limits | {"num_virtual_tokens": SIZE, "init_token_ids": Range(0)}
 
     num_virtual_tokens: int = 20
     init: str = "vocab"
@@ -90,12 +91,10 @@ class PromptTuningConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.num_virtual_tokens < 1:
-            raise ValueError("num_virtual_tokens must be >= 1")
         if self.init not in ("vocab", "token_ids", "random"):
-            raise ValueError(f"init must be vocab, token_ids or random, got {self.init!r}")
+            raise ConfigError(f"PromptTuningConfig.init: must be vocab, token_ids or random, got {self.init!r}")
         if self.init == "token_ids" and not self.init_token_ids:
-            raise ValueError("init='token_ids' needs init_token_ids")
+            raise ConfigError("PromptTuningConfig.init_token_ids: init='token_ids' needs init_token_ids")
 
     def default_targets(self, model):
         fam = family_of(model)
@@ -110,8 +109,10 @@ class PromptTuningConfig(MethodConfig):
     def keep(self, target) -> bool:
         return hasattr(target.module, "get_input_embeddings") and target.layer is None
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         emb = target.module.get_input_embeddings().weight.detach()
+        if self.init == "token_ids" and max(self.init_token_ids) >= emb.shape[0]:
+            raise ConfigError(f"PromptTuningConfig.init_token_ids: ids must be < the vocabulary size {emb.shape[0]}")
         g = torch.Generator().manual_seed(self.seed)
         n = self.num_virtual_tokens
         if self.init == "random":
@@ -120,14 +121,9 @@ class PromptTuningConfig(MethodConfig):
             ids = torch.tensor(self.init_token_ids) if self.init == "token_ids" else torch.randint(0, emb.shape[0], (n,), generator=g)
             ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]
             prompt = emb[ids].clone().float()
-        kind = getattr(self, "_kind", None)
+        kind = ctx.family.kind if ctx.family else None
         strip = self.strip_outputs if self.strip_outputs is not None else kind in ("decoder", "encoder-decoder")
         return SoftPrompt(prompt, strip, inspect.signature(target.module.forward))
 
-    def build_shared(self, model):
-        fam = family_of(model)
-        self._kind = fam.kind if fam else None
-        return None
-
-    def formula_count(self, targets) -> int:
-        return sum(self.num_virtual_tokens * t.module.get_input_embeddings().weight.shape[1] for t in targets)
+    def formula_count(self, ctx) -> int:
+        return sum(self.num_virtual_tokens * t.module.get_input_embeddings().weight.shape[1] for t in ctx.targets)

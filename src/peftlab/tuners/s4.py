@@ -5,8 +5,10 @@ contiguous groups (default 4) by a grouping *pattern*; a total budget (a fractio
 parameters, default 0.5% [S2]) is allocated across the layers of the tuned groups (uniform, as S4
 prescribes, or increasing/decreasing); each tuned group gets a non-empty subset of the strategies
 A (serial adapter), P (prefix), B (BitFit), L (LoRA on q, v), and every layer of the group carries all
-of them. ``S4Config.parts()`` expands into ordinary ``adapter`` / ``prefix`` / ``bitfit`` / ``lora``
-configs on layer subsets, attached under one adapter name through the core (no special cases).
+of them. ``S4Config.expand(model)`` plans the sizes on the model and returns a
+:class:`peftlab.compose.ComposeConfig` of ordinary ``bitfit`` / ``adapter`` / ``prefix`` / ``lora``
+configs on layer subsets (parts ``name.bitfit``, ``name.adapter``, ``name.prefix``, ``name.lora``,
+``name.lora_2`` ... one LoRA part per rank), attached under one adapter name through the core.
 
 Our choices where the paper is unverified ([U], all configurable): pattern weights (spindle 1:2:2:1
 for G = 4, i.e. 1 + min(g, G−1−g); bottleneck the reverse; increasing 1:2:3:4), sizes by
@@ -23,11 +25,15 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..config import MethodConfig
-from ..families import find_blocks
+from ..compose import ComposeConfig
+from ..config import SIZE, MethodConfig, Range
+from ..context import context_for
+from ..errors import ConfigError, UnsupportedArchitectureError
+from ..families import family_of, find_blocks
 from ..registry import get_config, register
 from ..slot import linear_dims
 from ..targets import select
+from .prefix import SUPPORTED, kv_geometry
 
 PATTERNS = ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
 STRATEGIES = ("A", "P", "B", "L")
@@ -83,6 +89,8 @@ class S4Config(MethodConfig):
 
     method = "s4"
     accepts = ("linear", "norm", "module")
+    limits = MethodConfig.limits | {"groups": SIZE, "group_sizes": SIZE, "tuned_groups": Range(0),
+                                    "budget": Range(0, 1, lo_open=True, hi_open=True)}
 
     groups: int = 4
     pattern: str = "spindle"
@@ -98,30 +106,29 @@ class S4Config(MethodConfig):
         super().validate()
         if self.preset is not None:
             if self.preset not in PRESETS:
-                raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+                raise ConfigError(f"S4Config.preset: must be one of {sorted(PRESETS)}, got {self.preset!r}")
             self.strategies = [list(s) for s in PRESETS[self.preset]]
         if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
-        allocation_weights(self.allocation, 1)
+            raise ConfigError(f"S4Config.pattern: must be one of {PATTERNS}, got {self.pattern!r}")
+        if self.allocation not in ("uniform", "increasing", "decreasing"):
+            raise ConfigError(f"S4Config.allocation: must be uniform, increasing or decreasing, got {self.allocation!r}")
         if len(self.strategies) != self.groups:
-            raise ValueError(f"strategies must list one subset per group ({self.groups}), got {len(self.strategies)}")
+            raise ConfigError(f"S4Config.strategies: must list one subset per group ({self.groups}), got {len(self.strategies)}")
         for g, sub in enumerate(self.strategies):
             bad = [s for s in sub if s not in STRATEGIES]
             if bad:
-                raise ValueError(f"strategies[{g}]: unknown strategy {bad}; use {STRATEGIES}")
+                raise ConfigError(f"S4Config.strategies[{g}]: unknown strategy {bad}; use {STRATEGIES}")
         if self.tuned_groups is not None:
             if not self.tuned_groups or any(not 0 <= g < self.groups for g in self.tuned_groups):
-                raise ValueError(f"tuned_groups must be a non-empty subset of 0..{self.groups - 1}")
+                raise ConfigError(f"S4Config.tuned_groups: must be a non-empty subset of 0..{self.groups - 1}")
             if any(not self.strategies[g] for g in self.tuned_groups):
-                raise ValueError("every tuned group needs a non-empty strategy subset")
-        if not 0 < self.budget < 1:
-            raise ValueError(f"budget is a fraction of the backbone parameters, got {self.budget}")
+                raise ConfigError("S4Config.tuned_groups: every tuned group needs a non-empty strategy subset")
 
     # ------------------------------------------------------------------ the plan
     def layout(self, n_layers: int) -> list[list[int]]:
         sizes = self.group_sizes or group_sizes(n_layers, self.groups, self.pattern)
         if sum(sizes) != n_layers or len(sizes) != self.groups or min(sizes) < 1:
-            raise ValueError(f"group sizes {sizes} must be {self.groups} positive numbers summing to {n_layers}")
+            raise ConfigError(f"S4Config.group_sizes: {sizes} must be {self.groups} positive numbers summing to {n_layers}")
         out, start = [], 0
         for n in sizes:
             out.append(list(range(start, start + n)))
@@ -130,8 +137,6 @@ class S4Config(MethodConfig):
 
     def plan(self, model: nn.Module) -> dict:
         """Per layer: strategies and their sizes, plus the realised parameter counts."""
-        from ..core import state  # noqa: F401  (keeps import cycles out of module import time)
-
         blocks = find_blocks(model)
         groups = self.layout(len(blocks))
         tuned = self.tuned_groups if self.tuned_groups is not None else [g for g in range(self.groups) if self.strategies[g]]
@@ -140,8 +145,7 @@ class S4Config(MethodConfig):
         total = self.budget * base
         w = allocation_weights(self.allocation, len(layers))
         per_layer = {i: total * w[k] / sum(w) for k, i in enumerate(layers)}
-        cfg = model.config
-        d = getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None) or cfg.n_embd
+        d = context_for(model, get_config("lora", layers=[layers[0]])).hidden_size
         rows = {}
         for g in tuned:
             strat = self.strategies[g]
@@ -161,25 +165,21 @@ class S4Config(MethodConfig):
 
     def _count(self, model, layer: int, what: str) -> int:
         cfg = get_config("bitfit", layers=[layer])
-        return cfg.formula_count(select(model, cfg))
+        return cfg.formula_count(context_for(model, cfg))
 
     def _lora_cost(self, model, layer: int) -> int:
         ts = select(model, get_config("lora", layers=[layer]))
         return sum(sum(linear_dims(t.module)) for t in ts)
 
     def _kv_dim(self, model, layer: int) -> int:
-        from .prefix import kv_geometry
-
         ts = select(model, get_config("prefix", layers=[layer]))
         h, hd = kv_geometry(ts[0].module, model.config)
         return h * hd
 
     # ------------------------------------------------------------------ expansion into ordinary configs
-    def parts(self) -> list[MethodConfig]:
-        plan = getattr(self, "_plan", None)
-        if plan is None:
-            raise RuntimeError("S4Config.parts() needs the model: attach it with peftlab.attach (check_model plans it)")
-        rows = plan["layers"]
+    def expand(self, model: nn.Module) -> list[tuple[str, MethodConfig]]:
+        """The plan on ``model`` as a composition of ordinary configs (labels bitfit, adapter, prefix, lora...)."""
+        rows = self.plan(model)["layers"]
         out: list[MethodConfig] = []
         with_b = sorted(i for i, r in rows.items() if "B" in r["strategies"])
         if with_b:
@@ -198,20 +198,12 @@ class S4Config(MethodConfig):
                 ranks.setdefault(r["lora_rank"], []).append(i)
         for r, ls in sorted(ranks.items()):
             out.append(get_config("lora", r=r, alpha=float(r), layers=sorted(ls)))
-        return out
+        return ComposeConfig(parts=out, modules_to_save=self.modules_to_save).expand(model)
 
     def check_model(self, model: nn.Module) -> None:
-        from ..errors import UnsupportedArchitectureError
-        from ..families import family_of
-        from .prefix import SUPPORTED
-
         fam = family_of(model)
         tuned = self.tuned_groups if self.tuned_groups is not None else range(self.groups)
         if any("P" in self.strategies[g] for g in tuned) and (fam is None or fam.name not in SUPPORTED):
             raise UnsupportedArchitectureError(
                 f"S4 strategy P (prefix) is not available on {getattr(model.config, 'model_type', '?')}; "
                 f"use strategy subsets of A, B, L for this architecture")
-        self._plan = self.plan(model)
-
-    def report_plan(self) -> dict:
-        return getattr(self, "_plan", None)

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ...config import MethodConfig
-from ...errors import UnsupportedArchitectureError
+from ...config import FRACTION, SIZE, MethodConfig, Range
+from ...core import shared_modules
+from ...errors import ConfigError, UnsupportedArchitectureError
 from ...families import family_of, find_blocks, model_type
 from ...registry import register
 from ...slot import Slot, resolve
@@ -62,6 +63,8 @@ class MEFTConfig(MethodConfig):
 
     method = "meft"
     accepts = ("any",)
+    limits = MethodConfig.limits | {"r": SIZE, "reversible_layers": Range(0), "adapter_dropout": FRACTION,
+                                    "init_std": Range(0), "reconstruction_tol": Range(0, lo_open=True)}
     variant: int = 1
     r: int = 8
     lam: float | None = None
@@ -77,19 +80,14 @@ class MEFTConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         if self.variant not in DEFAULT_FACTORS:
-            raise ValueError(f"variant must be 1, 2 or 3, got {self.variant!r}")
+            raise ConfigError(f"MEFTConfig.variant: must be 1, 2 or 3, got {self.variant!r}")
         if self.stream_dtype not in ("float32", "float64"):
-            raise ValueError(f"stream_dtype must be 'float32' or 'float64', got {self.stream_dtype!r}")
-        if self.r < 1:
-            raise ValueError(f"r must be >= 1, got {self.r}")
+            raise ConfigError(f"MEFTConfig.stream_dtype: must be 'float32' or 'float64', got {self.stream_dtype!r}")
         for name in ("lam", "beta"):
-            v = getattr(self, name)
-            if v is not None and v == 0:
-                raise ValueError(f"{name} must be non-zero: the inverse divides by it")
-        if self.reversible_layers is not None and self.reversible_layers < 0:
-            raise ValueError(f"reversible_layers must be >= 0, got {self.reversible_layers}")
+            if getattr(self, name) == 0:
+                raise ConfigError(f"MEFTConfig.{name}: must be non-zero (the inverse divides by it)")
         if self.targets is not None or self.layers is not None or self.target_regex or self.target_classes:
-            raise ValueError("MEFT converts the whole block stack: targets/layers/target_regex/target_classes "
+            raise ConfigError("MEFTConfig.targets: MEFT converts the whole block stack: targets/layers/target_regex/target_classes "
                              "do not apply (choose the reversible depth with reversible_layers)")
 
     @property
@@ -114,9 +112,8 @@ class MEFTConfig(MethodConfig):
         if not blocks:
             raise UnsupportedArchitectureError("MEFT: no transformer block stack found")
         if self.reversible_layers is not None and self.reversible_layers > len(blocks):
-            raise ValueError(f"reversible_layers={self.reversible_layers} but the model has {len(blocks)} blocks")
-        sh = model._modules.get("peftlab_shared")
-        if sh is not None and any(isinstance(m, MEFTStack) for m in sh.values()):
+            raise ConfigError(f"MEFTConfig.reversible_layers={self.reversible_layers} but the model has {len(blocks)} blocks")
+        if any(isinstance(m, MEFTStack) for m in shared_modules(model).values()):
             raise UnsupportedArchitectureError("a MEFT adapter is already attached; delete it first")
         for _, name, blk in blocks:
             base = blk.base if isinstance(blk, Slot) else blk
@@ -136,18 +133,16 @@ class MEFTConfig(MethodConfig):
     def default_targets(self, model) -> list[str]:
         return [n for _, n, _ in find_blocks(model)]
 
-    def build_shared(self, model):
-        blocks = find_blocks(model)
+    def build_shared(self, ctx):
+        blocks = find_blocks(ctx.model)
         lam, beta = self.factors
-        kind = BLOCK_KINDS[family_of(model).name]
-        stack = MEFTStack(self.variant, lam, beta, self.reversible_layers, kind, [b for _, _, b in blocks],
-                          [n for _, n, _ in blocks], self.reconstruction_tol, self.check_reconstruction, self.stream_dtype)
-        stack.__dict__["model_config"] = model.config
-        return stack
+        kind = BLOCK_KINDS[ctx.family.name]
+        return MEFTStack(self.variant, lam, beta, self.reversible_layers, kind, [b for _, _, b in blocks],
+                         [n for _, n, _ in blocks], self.reconstruction_tol, self.check_reconstruction, self.stream_dtype)
 
-    def make_adapter(self, target, shared: MEFTStack) -> MEFTLayer:
-        mc = shared.model_config
-        d = int(mc.hidden_size)
+    def make_adapter(self, target, ctx) -> MEFTLayer:
+        mc, shared = ctx.model.config, ctx.shared
+        d = ctx.hidden_size
         act = ACT2FN[getattr(mc, "hidden_act", "gelu")]
         p = self.adapter_dropout
         if p is None:
@@ -155,14 +150,13 @@ class MEFTConfig(MethodConfig):
         mk = lambda ln=False: MEFTAdapter(d, self.r, act, p, ln, self.init_std)  # noqa: E731
         side = mk(self.layernorm_in_adapter) if self.variant in (1, 2) else None
         attn = mk() if self.variant == 3 else None
-        layer = MEFTLayer(shared.names.index(target.name), shared, mk(), side, attn)
+        layer = MEFTLayer(shared.names.index(target.name), mk(), side, attn)
         shared.layers.append(layer)
         shared.layers.sort(key=lambda m: m.index)
         return layer
 
-    def formula_count(self, targets: list) -> int | None:
-        if not targets:
-            return None
+    def formula_count(self, ctx) -> int | None:
+        targets = ctx.targets
         first = targets[0].module
         d = next(m for m in first.modules() if isinstance(m, nn.Linear)).in_features
         per = 2 * (2 * d * self.r + d + self.r) + (2 * d if self.layernorm_in_adapter and self.variant != 3 else 0)

@@ -45,17 +45,16 @@ class ReversibleInstabilityError(PeftlabError, FloatingPointError):
 class MEFTLayer(Adapter):
     """The adapters of one block. Block 0's instance drives the whole stack; the others pass through."""
 
-    def __init__(self, index: int, stack: MEFTStack, ffn: nn.Module, side: nn.Module | None, attn: nn.Module | None):
+    def __init__(self, index: int, ffn: nn.Module, side: nn.Module | None, attn: nn.Module | None):
         super().__init__()
         self.index = index
         self.ffn = ffn  # FFN-parallel adapter (every variant)
         self.side = side  # standalone adapter: G of MEFT1, F of MEFT2
         self.attn = attn  # attention adapter: MEFT3
-        self.__dict__["stack"] = stack  # not a submodule: the stack is registered once, in peftlab_shared
 
     def forward(self, slot, base_fn, hidden_states, *args, **kwargs):
         if self.index == 0:
-            return self.stack.run(hidden_states, args, kwargs)
+            return self.shared.run(hidden_states, args, kwargs)  # the MEFTStack (core-bound)
         return hidden_states  # block 0 already ran this block inside the reversible stack
 
 

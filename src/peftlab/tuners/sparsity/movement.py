@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..registry import register
-from ..slot import linear_dims
-from .pst import SparseLinear, _SparsityConfig, top_mask
+from ...registry import register
+from ...slot import linear_dims
+from .base import SparseLinear, SparsityConfig, top_mask
 
 
 class MovementLayer(SparseLinear):
@@ -39,14 +39,14 @@ class MovementLayer(SparseLinear):
 
 @register
 @dataclass
-class MovementPruneConfig(_SparsityConfig):
+class MovementPruneConfig(SparsityConfig):
     """Baseline: hard movement pruning (learned scores, top-k) with PST's cubic schedule, full-size update."""
 
     method = "movement_prune"
 
-    def make_adapter(self, target, shared):
+    def make_adapter(self, target, ctx):
         k, n = linear_dims(target.module)
         return MovementLayer(n, k)
 
-    def formula_count(self, targets) -> int:
-        return sum(2 * n * k for n, k in (linear_dims(t.module) for t in targets))
+    def formula_count(self, ctx) -> int:
+        return sum(2 * n * k for n, k in (linear_dims(t.module) for t in ctx.targets))

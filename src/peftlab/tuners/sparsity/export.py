@@ -20,14 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .core import slots, state
-from .errors import CorruptAdapterError, PeftlabError
-from .slot import resolve
+from ...core import delete, slots, state, unload
+from ...errors import CorruptAdapterError, PeftlabError
+from ...slot import resolve
+from .base import SparseLinear
 
 
 def _sparse_slots(model: nn.Module):
-    from .tuners.pst import SparseLinear
-
     out = []
     for path, s in slots(model):
         for n in s.active:
@@ -54,15 +53,11 @@ def sparsity_report(model: nn.Module) -> dict:
 
 def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
     """A plain HF model directory with the sparse weights folded in (the original model is untouched)."""
-    from .core import unload
-
     eff = effective_weights(model)
     clone = copy.deepcopy(model)
     st = state(clone)
     for name in list(st.configs):
         if name not in st.active:
-            from .core import delete
-
             delete(clone, name)
     unload(clone, merge=False)
     with torch.no_grad():
