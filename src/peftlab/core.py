@@ -130,8 +130,8 @@ def _update_trainable(model: nn.Module) -> None:
 
 
 def check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "__" in name or "." in name or "::" in name or "/" in name:
-        raise ConfigError(f"invalid adapter name {name!r} (a non-empty string without '.', '/', '::' or '__')")
+    if not isinstance(name, str) or not name or "__" in name or "." in name or "::" in name:
+        raise ConfigError(f"invalid adapter name {name!r} (a non-empty string without '.', '::' or '__')")
 
 
 @contextlib.contextmanager

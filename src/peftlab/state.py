@@ -30,6 +30,7 @@ from torch import nn
 
 from ._version import __version__
 from .core import (
+    adapter_names,
     attach,
     check_name,
     get_adapter_config,
@@ -261,7 +262,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, is_
     except (TypeError, ValueError) as e:  # ConfigError, and what a method's own validate raises
         raise CorruptAdapterError(f"{path / CONFIG_NAME}: 'config' is invalid for method {meta['method']!r}: {e}") from None
     tensors = read_tensors(path, meta)
-    if name in (model.__dict__.get("peftlab_state").configs if model.__dict__.get("peftlab_state") else {}):
+    if name in adapter_names(model):
         raise AdapterExistsError(f"an adapter named {name!r} is already attached")
     check_fingerprint(model, meta)
     with transaction(model, name) as st:
