@@ -160,8 +160,8 @@ def _field(meta: dict, key: str, types, where: Path, default=None, required: boo
         if required:
             raise CorruptAdapterError(f"{where}: missing field {key!r}")
         return default
-    v = meta[key]
-    if not isinstance(v, types) or isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+    v, allowed = meta[key], types if isinstance(types, tuple) else (types,)
+    if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
         raise CorruptAdapterError(f"{where}: field {key!r} has the wrong type ({type(v).__name__})")
     return v
 
