@@ -32,7 +32,7 @@ def export_stats(runs: Path, cache_path: Path, keys: list[tuple[str, str]]) -> d
     todo = [(t, m) for t, m in keys if f"{t}/{m}" not in cache and (runs / f"{t}-{m}-s42" / "best").is_dir()]
     if todo:
         from peftlab import sparse
-        from peftlab.commands import _load_run
+        from peftlab.cli.train import load_run as _load_run
 
         for t, m in todo:
             model, *_ = _load_run(runs / f"{t}-{m}-s42", [])
