@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _allows_none(tp) -> bool:
+    return tp is type(None) or tp is Any or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                             and type(None) in typing.get_args(tp))
+
+
 def _build(cls, data: dict, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -103,6 +109,8 @@ def _build(cls, data: dict, path: str):
         if dataclasses.is_dataclass(tp):
             kwargs[k] = _build(tp, v or {}, key)
             continue
+        if v is None and not _allows_none(tp):
+            raise ConfigError(f"{key}: null is not allowed here")
         try:
             kwargs[k] = _coerce(tp, v, key)
         except TypeError as e:
