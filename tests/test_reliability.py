@@ -173,6 +173,7 @@ BAD_OVERRIDES = [
     ("train.log_every=0", "train.log_every"), ("train.warmup_ratio=1", "train.warmup_ratio"),
     ("train.max_length=4", "train.max_length"), ("train.max_length=100000", "max_position_embeddings"),
     ("model_args.trust_remote_code=true", "--trust-remote-code"), ("model_args.hiden_dropout_prob=0.2", "hidden_dropout_prob"),
+    ("model_args.hidden_dropout_prob=null", "model_args"), ("model_args.hidden_dropout_prob=abc", "model_args"),
     ("method_args.target_regex='(+'", "method_args"), ("model=/no/such/model", "/no/such/model"),
     ("task.text_columns=[a,b,c]", "task.text_columns"), ("train.lr=[1", "train.lr"), ("train", "train"),
     ("task.name=nope", "nope"),

@@ -29,6 +29,13 @@ def _user_input_errors() -> tuple[type[BaseException], ...]:
         types.append(SafetensorError)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        # a transformers config field of the wrong type
+        from huggingface_hub.errors import StrictDataclassError
+
+        types.append(StrictDataclassError)
+    except ImportError:  # pragma: no cover
+        pass
     return tuple(types)
 
 

@@ -88,8 +88,14 @@ def _where(name: str) -> tuple[str, dict]:
 def _load(what: str, name: str, fn):
     """Run a from_pretrained call; an unloadable name or folder becomes one :class:`ModelLoadError` line."""
     try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover
+        StrictDataclassError = ValueError  # noqa: N806
+    try:
         with _quiet():
             return fn()
+    except (StrictDataclassError, TypeError) as e:  # a model_args value of the wrong type
+        raise ConfigError(f"model_args: {name!r} rejects a value: {' '.join(str(e).split())[:400]}") from None
     except (OSError, ValueError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         hint = "" if Path(name).exists() or "/" not in name else " (no such folder)"

@@ -2,9 +2,10 @@
 
 Rule (:class:`DivergenceGuard`): training has diverged at a step when
   * its loss or its gradient norm is NaN or infinite, or
-  * after ``warmup`` steps (3), its loss exceeds ``factor`` (1e3) times the smaller of the median of the
-    first ``warmup`` losses (the starting level) and the median of the last ``window`` (50) losses (the
-    running level): a loss that jumps, or creeps up, three orders of magnitude above where it was.
+  * from the second step on, its loss exceeds ``factor`` (1e3) times the smaller of the median of the
+    first ``warmup`` (3) losses seen (the starting level) and the median of the last ``window`` (50)
+    losses (the running level): a loss that jumps, or creeps up, three orders of magnitude above where
+    it started or where it has been lately.
 A checkpoint (``checkpoint/`` for --resume, ``best/``) is only written after :func:`unhealthy` finds the
 trainable parameters finite and the model's outputs on a fixed probe batch finite.
 """
@@ -39,7 +40,7 @@ class DivergenceGuard:
             return f"non-finite loss ({loss})"
         if grad_norm is not None and not math.isfinite(grad_norm):
             return f"non-finite gradient norm ({grad_norm}) at loss {loss:.4g}"
-        if len(self.first) >= self.warmup:
+        if self.first:
             level = min(statistics.median(self.first), statistics.median(self.recent))
             if loss > self.factor * max(level, 1e-12):
                 return (f"loss {loss:.4g} is more than {self.factor:g} x its running level {level:.4g} "

@@ -201,6 +201,9 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
     eval_steps = {s for s in range(1, total + 1) if (t.eval_every and s % t.eval_every == 0) or (not t.eval_every and s % steps_per_epoch == 0)}
     eval_steps.add(total)
     metric = t.metric or (data.metrics[0] if data.kind != "choice" else "accuracy")
+    names = [(f"{d}_" if i else "") + m for i, d in enumerate(data.dev) for m in data.metrics]
+    if metric not in names:  # checked before training, not at the first evaluation
+        raise ConfigError(f"train.metric {metric!r} is not one of the task's metrics {names}")
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_time": 0.0, "loss_sum": 0.0,
              "loss_n": 0, "guard": {}}
     if resume and ckpt is not None:
