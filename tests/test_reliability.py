@@ -404,3 +404,28 @@ def test_one_line_about_the_new_head_and_progress_lines_in_train_log(tiny, tmp_p
     steps = [ln for ln in lines if re.search(r"step \d+/6 loss [\d.]+ lr [\d.e+-]+ [\d.]+ steps/s ETA \d+m\d\ds", ln)]
     assert [re.search(r"step (\d+)/", ln).group(1) for ln in steps] == ["2", "4", "6"]
     assert lines.index(steps[0]) < next(i for i, ln in enumerate(lines) if " eval " in ln)
+
+
+# ------------------------------------------------------------------ issue 16: the cli/ package has no cycle
+@pytest.mark.parametrize("module", ["peftlab.cli.train", "peftlab.cli.explore", "peftlab.cli.demo", "peftlab.cli.sparse",
+                                    "peftlab.cli.boundary", "peftlab.train.backbones", "peftlab.train.demo_data"])
+def test_each_cli_module_imports_on_its_own(module):
+    """Each subcommand module imports first, alone, in a fresh interpreter (no cycle through the parser),
+    and no module registers itself into a shared list."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not any("_EXTENSIONS" in p.read_text() for p in SRC.rglob("*.py"))
+    assert not any((SRC / f).exists() for f in ("commands.py", "demo.py", "demo_data.py", "backbones.py", "cli.py"))
+
+
+def test_two_explorations_on_one_output_dir_are_refused(tmp_path):
+    from peftlab.errors import RunLockedError
+    from peftlab.explore import explore
+
+    held = fs.lock_run(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match="in use"):
+            explore({"output_dir": str(tmp_path), "samples": 1})
+    finally:
+        fs.unlock_run(held)

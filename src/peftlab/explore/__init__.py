@@ -80,7 +80,17 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
     cfg = source if isinstance(source, ExploreConfig) else load(source, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explore_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    lock = fs.lock_run(out)  # one exploration per output_dir: trials.jsonl is appended by this process only
+    try:
+        return _explore(cfg, out, progress)
+    finally:
+        fs.unlock_run(lock)
+
+
+def _explore(cfg: ExploreConfig, out: Path, progress) -> dict:
+    from ..train import fs
+
+    fs.write_text(out / "explore_config.json", json.dumps(cfg.__dict__, indent=2))
     log = out / "trials.jsonl"
     space = Space(**{**{"groups": 4, "budget": 0.005}, **cfg.space})
     chosen: dict[str, Any] = {}
@@ -130,8 +140,8 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
                 fixed_value if isinstance(fixed_value, list) and fixed_value and isinstance(fixed_value[0], (str, list)) else [fixed_value])
             chosen[stage] = run_stage(stage, cands, lambda c, stage=stage: space.fixed(**{**chosen, stage: c}))
     summary = {"chosen": chosen, "stages": stages_out, "trials": str(log)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(report(cfg, summary))
+    fs.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    fs.write_text(out / "report.md", report(cfg, summary))
     return summary
 
 
