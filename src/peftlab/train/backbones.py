@@ -96,7 +96,7 @@ def _load(what: str, name: str, fn):
             return fn()
     except (StrictDataclassError, TypeError) as e:  # a model_args value of the wrong type
         raise ConfigError(f"model_args: {name!r} rejects a value: {' '.join(str(e).split())[:400]}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights that do not fit (model_args sizes)
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         hint = "" if Path(name).exists() or "/" not in name else " (no such folder)"
         raise ModelLoadError(f"model {name!r}{hint}: cannot load its {what}: {first}") from None
@@ -128,6 +128,10 @@ def check_model_args(name: str, conf, model_args: dict) -> None:
     import difflib
 
     valid = LOAD_OPTIONS | set(conf.to_dict())
+    for k in ("dtype", "torch_dtype"):
+        if k in model_args and str(model_args[k]).removeprefix("torch.") not in ("float32", "auto"):
+            raise ConfigError(f"model_args.{k}: {model_args[k]!r} is not supported: peftlab trains and evaluates "
+                              "adapters in float32 (use float32 or auto)")
     for k in model_args:
         if k not in valid:
             close = difflib.get_close_matches(str(k), sorted(valid), n=1)
