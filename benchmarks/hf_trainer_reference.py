@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     from sklearn.metrics import accuracy_score
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from peftlab.backbones import load_model, load_tokenizer
     from peftlab.train import tasks as T
+    from peftlab.train.backbones import load_model, load_tokenizer
     from peftlab.train.data import SHARED_DATA
 
     root = Path(args.data_dir) if args.data_dir else SHARED_DATA / "glue"

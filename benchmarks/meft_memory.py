@@ -47,7 +47,7 @@ SMOLLM_CACHE = Path("runs/smollm2-135m-fp32")  # the dequantized GGUF, saved onc
 
 
 def _load(name: str):
-    from peftlab.backbones import load_model
+    from peftlab.train.backbones import load_model
 
     if name == "smollm2-135m":
         import transformers as tf

@@ -9,7 +9,7 @@ import time
 import torch
 
 import peftlab
-from peftlab.backbones import load_model
+from peftlab.train.backbones import load_model
 
 torch.manual_seed(0)
 base = load_model("minilm").eval()

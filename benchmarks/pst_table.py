@@ -31,7 +31,7 @@ def export_stats(runs: Path, cache_path: Path, keys: list[tuple[str, str]]) -> d
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     todo = [(t, m) for t, m in keys if f"{t}/{m}" not in cache and (runs / f"{t}-{m}-s42" / "best").is_dir()]
     if todo:
-        from peftlab.commands import _load_run
+        from peftlab.cli.train import load_run as _load_run
         from peftlab.tuners.sparsity import export as sparse
 
         for t, m in todo:

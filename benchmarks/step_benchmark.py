@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown case(s) {unknown}; known: {list(CASES)}")
     torch.set_num_threads(args.threads)
-    from peftlab.backbones import load_model
+    from peftlab.train.backbones import load_model
 
     base = load_model("minilm").train()
     rows = []

@@ -22,7 +22,7 @@ def shared_data() -> Path:
 
 def _load_real(name):
     pytest.importorskip("transformers")
-    from peftlab.backbones import load_model
+    from peftlab.train.backbones import load_model
 
     try:
         return load_model(name).eval()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peftlab import backbones
+from peftlab.train import backbones
 
 
 def test_minilm_path_env_override(monkeypatch, tmp_path):

@@ -22,7 +22,7 @@ def tiny_bert_dir(tmp_path_factory) -> str:
     """A tiny BERT classifier + word-level tokenizer covering the shipped demo data, saved locally."""
     import transformers
 
-    from peftlab.demo_data import NEG, POS, SUBJECTS, TEMPLATES
+    from peftlab.train.demo_data import NEG, POS, SUBJECTS, TEMPLATES
 
     words = sorted({w for t in TEMPLATES + SUBJECTS + POS + NEG for w in t.replace(",", " , ").replace(".", " . ")
                     .replace("'", " ' ").replace("{s}", " ").replace("{a}", " ").split()})

@@ -25,7 +25,7 @@ def tiny_bert(tmp_path_factory) -> str:
     """A 2-layer BERT with MiniLM's tokenizer, saved as a local model folder."""
     import transformers
 
-    from peftlab.backbones import load_tokenizer
+    from peftlab.train.backbones import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny_bert")
     tok = load_tokenizer("minilm")
@@ -59,7 +59,7 @@ def test_glue_tasks_train_and_report_glue_metrics(tiny_bert, tmp_path, task, key
     assert saved["final"] == res["final"] and saved["steps"] == 2 and saved["steps_per_s"] > 0
     assert saved["trainable_params"] < saved["total_params"] and saved["peak_memory_mb"] > 0
     if task == "stsb":  # regression: a single output, float labels
-        from peftlab.commands import _load_run
+        from peftlab.cli.train import load_run as _load_run
 
         model, *_ = _load_run(tmp_path / "run", [])
         assert model.config.num_labels == 1
@@ -129,7 +129,7 @@ def test_glue_from_hub_maps_labels_by_name(monkeypatch):
 
 
 def test_demo_data_is_shipped_and_matches_its_generator():
-    from peftlab.demo_data import LABELS, demo_examples, load_shipped, shipped_files
+    from peftlab.train.demo_data import LABELS, demo_examples, load_shipped, shipped_files
 
     assert all(p.is_file() for p in shipped_files().values())
     for shipped, generated in zip(load_shipped(), demo_examples()):

@@ -248,7 +248,7 @@ def test_cli_export_sparse_of_a_trained_run(tmp_path):
 
     import transformers
 
-    from peftlab.commands import _load_run
+    from peftlab.cli.train import load_run as _load_run
     from peftlab.train import run
 
     cfg = {"model": "minilm", "method": "pst", "method_args": {"final_sparsity": 0.7, "r1": 4, "r2": 4},

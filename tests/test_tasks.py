@@ -66,7 +66,7 @@ def test_qa_loaders():
 def test_table_loaders():
     csv_ex = T.read_table(FIX / "table.csv", ["text"], "label", {"neg": 0, "pos": 1})
     assert [(e.texts, e.label) for e in csv_ex] == [(("good, really",), 1), (("bad",), 0)]
-    js = T.read_table(FIX / "table.jsonl", ["a", "b"], "score")
+    js = T.read_table(FIX / "table.jsonl", ["a", "b"], "score", regression=True)
     assert js[1].texts == ("z", "w") and js[1].label == 1.5
     with pytest.raises(PeftlabError, match="lacks column"):
         T.read_table(FIX / "table.csv", ["sentence"], "label")

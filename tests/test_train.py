@@ -70,7 +70,7 @@ def test_run_writes_run_dir_and_learns(tmp_path):
     assert res["final"]["accuracy"] >= 0.8, res
     assert res["trainable_params"] > 0 and res["train_time_s"] > 0 and res["peak_memory_mb"] > 0
     # the saved best adapter reproduces the best evaluation
-    from peftlab.commands import _load_run
+    from peftlab.cli.train import load_run as _load_run
     from peftlab.train.loop import evaluate
 
     model, tok, data, c = _load_run(out, [])
@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkey
     out = tmp_path / "run"
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["loop"]["step"] == 12
-    m = peftlab.backbones.load_model("minilm")
+    m = peftlab.train.backbones.load_model("minilm")
     peftlab.load(m, out / "best")  # the best adapter (step 12) is intact and loadable
 
 
@@ -179,7 +179,7 @@ def test_multiple_choice_qa_on_smollm(tmp_path):
     assert 0.0 <= res["final"]["accuracy"] <= 1.0 and res["steps"] == 2
     from peftlab.train.data import choice_scores, collate, encode_choice_eval
 
-    tok = peftlab.backbones.load_tokenizer("smollm2-135m")
+    tok = peftlab.train.backbones.load_tokenizer("smollm2-135m")
     from peftlab.train.tasks import read_arc
 
     items = encode_choice_eval(tok, read_arc(fix / "arc_easy/dev.jsonl"), 64)

@@ -43,3 +43,23 @@ class IncompatibleAdapterError(PeftlabError, ValueError):
 
 class CorruptAdapterError(PeftlabError, ValueError):
     """A saved adapter file is unreadable, truncated, malformed or fails its checksum."""
+
+
+class DataError(PeftlabError, ValueError):
+    """A data file cannot be read as the task needs: names the file and the row/line."""
+
+
+class ModelLoadError(PeftlabError, OSError):
+    """A backbone or tokenizer cannot be loaded from the given name or folder."""
+
+
+class RunLockedError(PeftlabError, RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+class ResumeMismatchError(PeftlabError, ValueError):
+    """``--resume`` with a configuration that differs from the run's in a key that changes its results."""
+
+
+class UnsafePathError(PeftlabError, ValueError):
+    """A path to delete or write lies outside the directory it must stay in."""

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import PeftlabError
 from .analysis import edf, plot_edf, summarize  # noqa: F401
 from .runner import execute, run_trial  # noqa: F401
@@ -44,19 +42,31 @@ class ExploreConfig:
 
 
 def load(source, overrides: list[str] | None = None) -> ExploreConfig:
-    from ..train.config import apply_overrides
+    from ..train import fs
+    from ..train.config import apply_overrides, read_mapping
 
-    data = dict(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text()) or {}
+    data = dict(source) if isinstance(source, dict) else read_mapping(source, "exploration")
     data = apply_overrides(data, overrides or [])
-    unknown = sorted(set(data) - KEYS)
+    unknown = sorted(map(str, set(data) - KEYS))
     if unknown:
         raise PeftlabError(f"unknown explore key(s) {unknown}; valid: {sorted(KEYS)}")
     cfg = ExploreConfig(**data)
+    for key, typ in (("tasks", list), ("train", dict), ("space", dict), ("stages", list), ("model", str),
+                     ("output_dir", str), ("backend", str)):
+        if not isinstance(getattr(cfg, key), typ):
+            raise PeftlabError(f"{key}: expected a {typ.__name__}, got {getattr(cfg, key)!r}")
+    for key in ("samples", "seed", "workers"):
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < (0 if key == "seed" else 1):
+            raise PeftlabError(f"{key}: expected an integer >= {0 if key == 'seed' else 1}, got {v!r}")
+    if not cfg.tasks or not all(isinstance(t, dict) and isinstance(t.get("name"), str) and t["name"] for t in cfg.tasks):
+        raise PeftlabError("tasks: expected a non-empty list of task mappings, each with a name")
+    slugs = [fs.slug(t["name"]) for t in cfg.tasks]
+    if len(set(slugs)) != len(slugs):
+        raise PeftlabError(f"tasks: names {[t['name'] for t in cfg.tasks]} are not distinct as folder names {slugs}")
     bad = [s for s in cfg.stages if s not in COMPONENTS]
     if bad:
         raise PeftlabError(f"unknown stage(s) {bad}; stages are {list(COMPONENTS)}")
-    if cfg.samples < 1:
-        raise PeftlabError("samples must be >= 1")
     return cfg
 
 
@@ -65,10 +75,22 @@ def _label(v: Any) -> str:
 
 
 def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
+    from ..train import fs
+
     cfg = source if isinstance(source, ExploreConfig) else load(source, overrides)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explore_config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    lock = fs.lock_run(out)  # one exploration per output_dir: trials.jsonl is appended by this process only
+    try:
+        return _explore(cfg, out, progress)
+    finally:
+        fs.unlock_run(lock)
+
+
+def _explore(cfg: ExploreConfig, out: Path, progress) -> dict:
+    from ..train import fs
+
+    fs.write_text(out / "explore_config.json", json.dumps(cfg.__dict__, indent=2))
     log = out / "trials.jsonl"
     space = Space(**{**{"groups": 4, "budget": 0.005}, **cfg.space})
     chosen: dict[str, Any] = {}
@@ -84,7 +106,7 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
                 key = f"{cfg.seed}/{stage_name}/{_label(c)}/{k}"
                 jobs.append({"id": key, "stage": stage_name, "candidate": _label(c), "s4": sample(sp, key),
                              "model": cfg.model, "tasks": cfg.tasks, "train": cfg.train,
-                             "out": str(out / "trials" / key.replace("/", "_"))})
+                             "out": str(out / "trials" / fs.slug(key.replace("/", "_")))})
         recs = execute(jobs, log, cfg.backend, cfg.workers, cfg.ray_address, progress)
         scored = {_label(c): [recs[j["id"]] for j in jobs if j["candidate"] == _label(c)
                               and "score" in recs.get(j["id"], {})] for c in cands}
@@ -118,8 +140,8 @@ def explore(source, overrides: list[str] | None = None, progress=None) -> dict:
                 fixed_value if isinstance(fixed_value, list) and fixed_value and isinstance(fixed_value[0], (str, list)) else [fixed_value])
             chosen[stage] = run_stage(stage, cands, lambda c, stage=stage: space.fixed(**{**chosen, stage: c}))
     summary = {"chosen": chosen, "stages": stages_out, "trials": str(log)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(report(cfg, summary))
+    fs.write_text(out / "summary.json", json.dumps(summary, indent=2))
+    fs.write_text(out / "report.md", report(cfg, summary))
     return summary
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import traceback
 from pathlib import Path
@@ -19,21 +18,21 @@ def run_trial(job: dict) -> dict:
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
-    from ..train import run
+    from ..train import fs, run
 
     t0 = time.perf_counter()
     scores, params = {}, None
     try:
         for task in job["tasks"]:
-            out = Path(job["out"]) / task["name"]
-            shutil.rmtree(out, ignore_errors=True)
+            out = Path(job["out"]) / fs.slug(task["name"])  # a task name is never a path
+            fs.remove(out, job["out"])
             cfg = {"model": job["model"], "method": "s4", "method_args": job["s4"], "task": task,
                    "train": {**job["train"], "progress": False}, "output_dir": str(out)}
             res = run(cfg)
             metric = res["metric"]
             scores[task["name"]] = res["final"][metric]
             params = res["adapter_params"]
-            shutil.rmtree(out / "checkpoint", ignore_errors=True)
+            fs.remove(out / "checkpoint", out)
         score = 100 * sum(scores.values()) / len(scores)
         return {"id": job["id"], "scores": scores, "score": score, "adapter_params": params,
                 "seconds": time.perf_counter() - t0}

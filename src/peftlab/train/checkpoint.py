@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from . import fs
 
 NAME = "checkpoint"
 
@@ -46,7 +47,7 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, tensors: dict, scalars: dic
 def save(run_dir: Path, params: dict[str, torch.Tensor], opt, loop_state: dict) -> None:
     run_dir = Path(run_dir)
     tmp = run_dir / f"{NAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    fs.remove(tmp, run_dir)
     tmp.mkdir(parents=True)
     tensors = {f"param.{k}": v.detach().clone().contiguous().cpu() for k, v in params.items()}
     ot, osc = _flatten_optimizer(opt)
@@ -58,12 +59,7 @@ def save(run_dir: Path, params: dict[str, torch.Tensor], opt, loop_state: dict) 
     (tmp / "state.json").write_text(json.dumps({"loop": loop_state, "optimizer": osc}))
     with open(tmp / "state.json") as f:
         os.fsync(f.fileno())
-    final, old = run_dir / NAME, run_dir / f"{NAME}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    fs.swap_dir(tmp, run_dir / NAME, run_dir)
 
 
 def find(run_dir: Path) -> Path | None:

@@ -50,7 +50,7 @@ def load_task(cfg: RunConfig) -> TaskData:
     t = cfg.task
     name = T.GLUE_ALIASES.get(t.name.lower(), t.name.lower())
     if name == "demo":
-        from ..demo_data import LABELS, load_shipped
+        from .demo_data import LABELS, load_shipped
 
         train, dev = load_shipped()
         data = TaskData("classification", train, {"dev": dev}, ("accuracy",), 2, list(LABELS))
@@ -74,16 +74,7 @@ def load_task(cfg: RunConfig) -> TaskData:
         train = reader(root / tr) if tr else []
         data = TaskData("choice", train, {"dev": reader(root / dv)}, ("accuracy",))
     elif name == "table":
-        if not t.train_file or not t.dev_file:
-            raise PeftlabError("task 'table' needs task.train_file and task.dev_file (CSV or JSONL)")
-        label_map = {lab: i for i, lab in enumerate(t.labels)} if t.labels else None
-        train = T.read_table(Path(t.train_file), t.text_columns, t.label_column, label_map)
-        dev = T.read_table(Path(t.dev_file), t.text_columns, t.label_column, label_map)
-        if t.regression:
-            data = TaskData("regression", train, {"dev": dev}, ("pearson", "spearman"), 1)
-        else:
-            n = len(t.labels) if t.labels else int(max(e.label for e in train + dev)) + 1
-            data = TaskData("classification", train, {"dev": dev}, ("accuracy", "f1") if n == 2 else ("accuracy",), n, t.labels)
+        data = _table(cfg)
     else:
         raise PeftlabError(f"unknown task {t.name!r}: GLUE ({', '.join(T.GLUE)}), QA ({', '.join(T.QA_READERS)}), table or demo")
     data.train = T.subset(data.train, t.train_limit, t.subset_seed)
@@ -91,6 +82,30 @@ def load_task(cfg: RunConfig) -> TaskData:
     if not data.train and cfg.train.max_steps != 0:
         raise PeftlabError(f"task {t.name!r} has no training examples (set task.train_file)")
     return data
+
+
+def _table(cfg: RunConfig) -> TaskData:
+    """A user CSV/JSONL task. Classes come from ``task.labels`` or, if unset, from the data (sorted distinct
+    labels of train + dev, said in one log line); regression labels must be numbers."""
+    import logging
+
+    t = cfg.task
+    if not t.train_file or not t.dev_file:
+        raise PeftlabError("task 'table' needs task.train_file and task.dev_file (CSV or JSONL)")
+    tr = T.table_rows(Path(t.train_file), t.text_columns, t.label_column)
+    dv = T.table_rows(Path(t.dev_file), t.text_columns, t.label_column)
+    if t.regression:
+        ex = [[T.Example(x, T.number_label(y, w)) for x, y, w in rows] for rows in (tr, dv)]
+        return TaskData("regression", ex[0], {"dev": ex[1]}, ("pearson", "spearman"), 1)
+    names = list(t.labels) if t.labels else [str(c) for c in T.infer_classes(tr + dv)]
+    if not t.labels:
+        logging.getLogger("peftlab.train").info(
+            "task table: %d classes inferred from the data, in this order: %s (set task.labels to name or order them)",
+            len(names), ", ".join(names))
+    label_map = {lab: i for i, lab in enumerate(names)}
+    ex = [[T.Example(x, T.map_label(y, w, label_map)) for x, y, w in rows] for rows in (tr, dv)]
+    n = len(names)
+    return TaskData("classification", ex[0], {"dev": ex[1]}, ("accuracy", "f1") if n == 2 else ("accuracy",), n, names)
 
 
 # ------------------------------------------------------------------- classification

@@ -20,8 +20,9 @@ import torch
 import peftlab
 
 from ..errors import PeftlabError
-from . import checkpoint
-from .config import RunConfig, load_config
+from . import checkpoint, fs
+from . import resume as resume_check
+from .config import ConfigError, RunConfig, load_config
 from .data import (
     TaskData,
     choice_scores,
@@ -31,13 +32,11 @@ from .data import (
     encode_classification,
     load_task,
 )
+from .guard import DivergenceGuard, TrainingDivergedError, unhealthy
 from .metrics import compute
 
 log = logging.getLogger("peftlab.train")
-
-
-class TrainingDivergedError(PeftlabError, RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["TrainingDivergedError", "build_model", "evaluate", "run"]
 
 
 def _accelerator(cfg: RunConfig):
@@ -51,24 +50,35 @@ def _accelerator(cfg: RunConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)])
 
 
-def build_model(cfg: RunConfig, data: TaskData):
-    from ..backbones import SHORT_NAMES, load_model, load_tokenizer
+def build_model(cfg: RunConfig, data: TaskData, trust_remote_code: bool = False):
+    """Tokenizer + backbone (head sized for the task) with the method attached. ``trust_remote_code`` only
+    from the user's explicit ``--trust-remote-code`` flag; it is never read from, nor stored in, a config."""
+    import re
+
+    from .backbones import check_model_args, load_model, load_tokenizer, model_config
 
     task = "causal-lm" if data.kind == "choice" else ("regression" if data.kind == "regression" else "classification")
     name = cfg.model
-    tok = load_tokenizer(name)
+    conf = model_config(name, trust_remote_code)  # validate against the config before loading any weights
+    check_model_args(name, conf, cfg.model_args)
+    positions = getattr(conf, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.train.max_length > positions:
+        raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds {name}'s max_position_embeddings ({positions})")
+    tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     kwargs = dict(cfg.model_args)
     if task != "causal-lm" and data.label_names:
         kwargs.setdefault("id2label", dict(enumerate(data.label_names)))
         kwargs.setdefault("label2id", {v: k for k, v in enumerate(data.label_names)})
-    model = load_model(name, task=task, num_labels=data.num_labels, **kwargs)
+    model = load_model(name, task=task, num_labels=data.num_labels, trust_remote_code=trust_remote_code, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     if cfg.method != "full":
-        peftlab.attach(model, peftlab.get_config(cfg.method, **cfg.method_args))
-    del SHORT_NAMES
+        try:
+            peftlab.attach(model, peftlab.get_config(cfg.method, **cfg.method_args))
+        except re.error as e:
+            raise ConfigError(f"method_args: invalid regular expression ({e})") from None
     return model, tok
 
 
@@ -130,28 +140,49 @@ def _peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(source, overrides: list[str] | None = None, resume: bool = False) -> dict:
-    """Train and evaluate as configured; returns (and writes) the results."""
+def run(source, overrides: list[str] | None = None, resume: bool = False, trust_remote_code: bool = False) -> dict:
+    """Train and evaluate as configured; returns (and writes) the results.
+
+    The run directory is locked for the whole run (a second process on it gets :class:`RunLockedError`);
+    with ``resume`` the configuration is checked against the run's before anything is written."""
     cfg = source if isinstance(source, RunConfig) else load_config(source, overrides)
-    t = cfg.train
     acc = _accelerator(cfg)
+    main = (acc.process_index if acc else 0) == 0
+    out = Path(cfg.output_dir)
+    lock, handler = None, None
+    try:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = fs.lock_run(out)
+            ckpt = checkpoint.find(out)
+            if ckpt is not None and not resume:
+                raise PeftlabError(f"{out} already holds a run checkpoint; pass --resume to continue it or pick another output_dir")
+            notes = resume_check.check(out, cfg.to_dict()) if resume else []
+            fs.write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            handler = logging.FileHandler(out / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+            for line in notes:
+                log.info(line)
+        return _train(cfg, acc, resume, trust_remote_code)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        fs.unlock_run(lock)
+
+
+def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
+    t = cfg.train
     world = acc.num_processes if acc else 1
     rank = acc.process_index if acc else 0
     main = rank == 0
     out = Path(cfg.output_dir)
     ckpt = checkpoint.find(out)
-    if main:
-        if ckpt is not None and not resume:
-            raise PeftlabError(f"{out} already holds a run checkpoint; pass --resume to continue it or pick another output_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        handler = logging.FileHandler(out / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
     torch.manual_seed(t.seed)
     data = load_task(cfg)
-    model, tok = build_model(cfg, data)
+    model, tok = build_model(cfg, data, trust_remote_code)
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     decay = [p for n, p in params.items() if not (n.endswith("bias") or "LayerNorm" in n or "layernorm" in n)]
@@ -170,15 +201,19 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
     eval_steps = {s for s in range(1, total + 1) if (t.eval_every and s % t.eval_every == 0) or (not t.eval_every and s % steps_per_epoch == 0)}
     eval_steps.add(total)
     metric = t.metric or (data.metrics[0] if data.kind != "choice" else "accuracy")
-    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_time": 0.0, "loss_sum": 0.0, "loss_n": 0}
+    names = [(f"{d}_" if i else "") + m for i, d in enumerate(data.dev) for m in data.metrics]
+    if metric not in names:  # checked before training, not at the first evaluation
+        raise ConfigError(f"train.metric {metric!r} is not one of the task's metrics {names}")
+    state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_time": 0.0, "loss_sum": 0.0,
+             "loss_n": 0, "guard": {}}
     if resume and ckpt is not None:
         state = checkpoint.load(ckpt, params, opt)  # restores the optimizer's current lr too
         sched.last_epoch = state["step"]
         if main:
             log.info("resumed from %s at step %d", ckpt, state["step"])
-            (out / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in state["history"]))
+            fs.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
     elif main:
-        (out / "metrics.jsonl").write_text("")
+        fs.write_text(out / "metrics.jsonl", "")
     if acc:
         model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model) if acc else model
@@ -192,7 +227,25 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
         mine = idx[rank * t.batch_size : (rank + 1) * t.batch_size] if world > 1 else idx
         return {k: v.to(device) for k, v in collate([train_items[i] for i in mine], tok.pad_token_id, regression).items()}
 
+    probe = micro_batch(0) if train_items else None  # fixed batch on which a checkpoint's outputs must be finite
+    guard = DivergenceGuard(state=state.get("guard"))
+
+    def stop_diverged(reason: str, step: int) -> None:
+        last = checkpoint.find(out)
+        msg = (f"{reason} at step {step}: training diverged and stopped. Last good checkpoint: {last if last else 'none yet'}"
+               f"{'; best adapter: ' + str(out / 'best') if (out / 'best').is_dir() else ''}. Try a lower learning rate "
+               f"(train.lr={t.lr}) or gradient clipping (train.max_grad_norm).")
+        if main:
+            log.error(msg)
+        raise TrainingDivergedError(msg)
+
+    def check_saveable(step: int) -> None:
+        why = unhealthy(raw, {n: p for n, p in raw.named_parameters() if p.requires_grad}, probe)
+        if why:
+            stop_diverged(f"{why}; nothing saved", step)
+
     bar = None
+    t_start, step_start, log_sum, log_n = time.perf_counter(), state["step"], 0.0, 0
     if main and t.progress:
         from tqdm.auto import tqdm
 
@@ -209,17 +262,15 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
             if extra is not None:
                 loss = loss + extra
             if not torch.isfinite(loss.detach()):
-                last = checkpoint.find(out)
-                msg = (f"non-finite loss ({loss.item()}) at step {step + 1}: training stopped. "
-                       f"Last good checkpoint: {last if last else 'none yet'}; best adapter: {out / 'best'}. "
-                       f"Try a lower learning rate (train.lr={t.lr}) or gradient clipping (train.max_grad_norm).")
-                if main:
-                    log.error(msg)
-                raise TrainingDivergedError(msg)
+                stop_diverged(f"non-finite loss ({loss.item()})", step + 1)
             (acc.backward(loss / t.grad_accum) if acc else (loss / t.grad_accum).backward())
             loss_val += loss.item() / t.grad_accum
-        if t.max_grad_norm:
-            (acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(list(params.values()), t.max_grad_norm)
+        # the gradient norm is measured every step (max_norm inf: no clipping) for the divergence check
+        grad_norm = (acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(
+            list(params.values()), t.max_grad_norm or float("inf"))
+        why = guard.check(loss_val, float(grad_norm))
+        if why:
+            stop_diverged(why, step + 1)
         peftlab.before_optimizer_step(raw, step, total)
         opt.step()
         sched.step()
@@ -228,6 +279,13 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
         peftlab.on_train_step(raw, step, total)
         state["loss_sum"] += loss_val
         state["loss_n"] += 1
+        state["guard"] = guard.state()
+        log_sum, log_n = log_sum + loss_val, log_n + 1
+        if main and t.log_every and step % t.log_every == 0:
+            rate = (step - step_start) / max(time.perf_counter() - t_start, 1e-9)
+            log.info("step %d/%d loss %.4f lr %.3e %.2f steps/s ETA %s", step, total, log_sum / log_n,
+                     sched.get_last_lr()[0], rate, _eta((total - step) / max(rate, 1e-9)))
+            log_sum, log_n = 0.0, 0
         if bar is not None:
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             bar.update(1)
@@ -249,12 +307,14 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
                 if not peftlab.checkpoint_eligible(raw, step, total):
                     pass  # e.g. PST before its sparsity schedule ends: neither best nor counted for patience
                 elif state["best"] is None or score > state["best"]:
+                    check_saveable(step)
                     state.update(best=score, best_step=step, bad_evals=0, best_metrics=metrics)
-                    _save_best(raw, out / "best", cfg)
+                    _save_best(raw, out, cfg)
                 else:
                     state["bad_evals"] += 1
             save_now = True
         if save_now and main:
+            check_saveable(step)
             state["train_time"] = time.perf_counter() - t0
             checkpoint.save(out, {n: p for n, p in raw.named_parameters() if p.requires_grad}, opt, state)
         if acc and save_now:
@@ -287,13 +347,22 @@ def run(source, overrides: list[str] | None = None, resume: bool = False) -> dic
         "peak_memory_mb": _peak_mem_mb(), "world_size": world,
         "train_examples": len(train_items),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    fs.write_text(out / "results.json", json.dumps(results, indent=2))
     log.info("results %s", json.dumps(results))
     return results
 
 
-def _save_best(model, path: Path, cfg: RunConfig) -> None:
+def _eta(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _save_best(model, out: Path, cfg: RunConfig) -> None:
+    """Write ``out/best`` atomically: into ``best.tmp``, then swapped in."""
+    tmp = out / "best.tmp"
+    fs.remove(tmp, out)
     if cfg.method == "full":
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
     else:
-        peftlab.save(model, path)
+        peftlab.save(model, tmp)
+    fs.swap_dir(tmp, out / "best", out)

@@ -8,14 +8,17 @@ unbalanced quotes), MRPC's UTF-8 BOM is stripped, CoLA has no header.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PeftlabError
+from ..errors import DataError, PeftlabError
+from . import fs
 
 csv.field_size_limit(sys.maxsize)
 
@@ -66,13 +69,44 @@ def glue_num_labels(task: str) -> int:
     return len(spec.labels) if spec.labels else 2
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 data file (BOM stripped); :class:`DataError` naming the file if missing, binary or not UTF-8."""
+    return fs.read_text(path, "data file", DataError)
+
+
+def _tsv(path: Path) -> list[list[str]]:
+    text = read_text(path)
+    return [r for r in csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+
+
 def _read_tsv(path: Path) -> tuple[list[str] | None, list[list[str]]]:
-    if not path.is_file():
-        raise PeftlabError(f"data file not found: {path}")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    rows = [r for r in rows if r]
+    rows = _tsv(path)
+    if not rows:
+        raise DataError(f"{path}: empty file")
     return rows[0], rows[1:]
+
+
+class _BadRow(Exception):
+    """Raised by a row parser; :func:`_rows` adds the file and row number."""
+
+
+def _rows(path: Path, rows, parse) -> list:
+    """``parse(row)`` for each row; a malformed row raises :class:`DataError` naming the file and row."""
+    out = []
+    for i, r in enumerate(rows, 1):
+        try:
+            item = parse(r)
+        except PeftlabError:
+            raise
+        except _BadRow as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+        except KeyError as e:
+            raise DataError(f"{path}: row {i}: missing field {e}") from None
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: row {i}: malformed ({type(e).__name__}: {e})") from None
+        if item is not None:
+            out.append(item)
+    return out
 
 
 def read_glue(task: str, path: Path, split: str) -> list[Example]:
@@ -83,32 +117,29 @@ def read_glue(task: str, path: Path, split: str) -> list[Example]:
         path = path / spec.dir
     f = path / (split if split.endswith(".tsv") else f"{split}.tsv")
     if task == "cola":  # no header: source, label, original mark, sentence
-        if not f.is_file():
-            raise PeftlabError(f"data file not found: {f}")
-        with open(f, encoding="utf-8", newline="") as fh:
-            rows = [r for r in csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-        return [Example((r[3],), int(r[1])) for r in rows]
+        return _rows(f, _tsv(f), lambda r: Example((r[3],), int(r[1])))
     header, rows = _read_tsv(f)
     try:
         cols = [header.index(c) for c in spec.columns]
         li = header.index(spec.label)
     except ValueError:
         raise PeftlabError(f"{f}: expected columns {spec.columns + (spec.label,)}, found {header}") from None
-    out = []
-    for r in rows:
+
+    def parse(r):
         if len(r) <= max(cols + [li]):
-            continue  # GLUE has a few malformed lines (QQP); skip them like the reference scripts
+            return None  # GLUE has a few malformed lines (QQP); skip them like the reference scripts
         raw = r[li].strip()
         if task == "stsb":
             label: float | int = float(raw)
         elif spec.labels:
             if raw not in spec.labels:
-                continue
+                return None
             label = spec.labels.index(raw)
         else:
             label = int(raw)
-        out.append(Example(tuple(r[c] for c in cols), label))
-    return out
+        return Example(tuple(r[c] for c in cols), label)
+
+    return _rows(f, rows, parse)
 
 
 HUB_COLUMNS = {"cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
@@ -141,66 +172,177 @@ def glue_from_hub(task: str, split: str) -> list[Example]:
     return out
 
 
-def read_table(path: Path, text_columns: list[str], label_column: str, label_map: dict | None = None) -> list[Example]:
-    """User data: CSV or JSONL with named text/label columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise PeftlabError(f"data file not found: {path}")
-    if path.suffix in (".jsonl", ".json"):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(csv.DictReader(f))
+def _json_rows(path: Path) -> list[tuple[str, object]]:
+    """(where, value) of each JSONL line (or each element of a JSON array file)."""
+    text = read_text(path)
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return [(f"{path}: item {i}", r) for i, r in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
     out = []
-    for i, row in enumerate(rows):
-        missing = [c for c in [*text_columns, label_column] if c not in row]
-        if missing:
-            raise PeftlabError(f"{path}: row {i + 1} lacks column(s) {missing}; it has {sorted(row)}")
-        lab = row[label_column]
-        if label_map is not None:
-            if str(lab) not in label_map:
-                raise PeftlabError(f"{path}: row {i + 1}: label {lab!r} not in {sorted(label_map)}")
-            lab = label_map[str(lab)]
-        else:
-            lab = float(lab) if isinstance(lab, float) or (isinstance(lab, str) and "." in lab) else int(lab)
-        out.append(Example(tuple(str(row[c]) for c in text_columns), lab))
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                out.append((f"{path}: line {n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
     return out
+
+
+def _table_records(path: Path) -> list[tuple[str, dict]]:
+    if path.suffix in (".jsonl", ".json"):
+        rows = _json_rows(path)
+        for where, r in rows:
+            if not isinstance(r, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    else:
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        rows = []
+        for r in reader:
+            where = f"{path}: line {reader.line_num}"
+            if None in r or any(v is None for v in r.values()):
+                n = len(r) - (None in r) + len(r.get(None) or [])
+                raise DataError(f"{where}: {n if None in r else 'fewer'} fields, but the header has {len(reader.fieldnames)}")
+            rows.append((where, r))
+        if reader.fieldnames is None:
+            raise DataError(f"{path}: empty file (expected a header row and data rows)")
+    if not rows:
+        raise DataError(f"{path}: no data rows")
+    return rows
+
+
+def table_rows(path: Path, text_columns: list[str] | None, label_column: str) -> list[tuple[tuple[str, ...], object, str]]:
+    """(texts, raw label, where) of each row of a user CSV/JSONL file. ``text_columns`` None: every column
+    but the label, at most two; a file with more is refused, naming them."""
+    path = Path(path)
+    rows = _table_records(path)
+    first_where, first = rows[0]
+    cols = list(text_columns) if text_columns else [c for c in first if c != label_column]
+    if not text_columns and len(cols) > 2:
+        raise DataError(f"{path}: {len(cols)} text columns besides {label_column!r} ({', '.join(map(repr, cols))}); "
+                        "name the 1 or 2 to use in task.text_columns")
+    if not cols:
+        raise DataError(f"{first_where}: no text column besides the label column {label_column!r}")
+    out = []
+    for where, row in rows:
+        missing = [c for c in [*cols, label_column] if c not in row]
+        if missing:
+            raise DataError(f"{where}: lacks column(s) {missing}; it has {sorted(map(str, row))}")
+        if not text_columns and set(row) != set(first):
+            raise DataError(f"{where}: columns {sorted(map(str, row))} differ from {first_where}'s {sorted(map(str, first))}")
+        texts = []
+        for c in cols:
+            v = row[c]
+            if v is None or isinstance(v, (bool, list, dict)):
+                raise DataError(f"{where}: column {c!r} is {json.dumps(v)}, not text")
+            texts.append(str(v))
+        out.append((tuple(texts), row[label_column], where))
+    return out
+
+
+def number_label(v, where: str) -> float:
+    """A regression target: a finite number (or a string holding one)."""
+    if v is None or isinstance(v, (bool, list, dict)):
+        raise DataError(f"{where}: label {json.dumps(v)} is not a number")
+    try:
+        x = float(v)
+    except ValueError:
+        raise DataError(f"{where}: label {v!r} is not a number (a regression task needs numeric labels)") from None
+    if not math.isfinite(x):
+        raise DataError(f"{where}: label {v!r} is not finite")
+    return x
+
+
+def class_key(v, where: str) -> int | str:
+    """A class label as found in the data: an integer (also from "3" or 3.0) or a non-empty string."""
+    if v is None or isinstance(v, (bool, list, dict)):
+        raise DataError(f"{where}: label {json.dumps(v)} is not a class label")
+    if isinstance(v, float):
+        if not v.is_integer():
+            raise DataError(f"{where}: label {v} is not a class (numeric targets: set task.regression: true)")
+        return int(v)
+    if isinstance(v, int):
+        return v
+    s = str(v).strip()
+    if not s:
+        raise DataError(f"{where}: empty label")
+    return int(s) if re.fullmatch(r"[+-]?\d+", s) else s
+
+
+def map_label(v, where: str, label_map: dict[str, int]) -> int:
+    for key in (str(v), None):
+        key = key if key is not None else str(class_key(v, where))
+        if key in label_map:
+            return label_map[key]
+    raise DataError(f"{where}: label {json.dumps(v)} not in task.labels {list(label_map)}")
+
+
+def infer_classes(rows: list[tuple[tuple[str, ...], object, str]]) -> list[int | str]:
+    """The sorted distinct class labels of the rows; refuses mixed numbers and strings, or a single class."""
+    keys = {class_key(raw, where): where for _, raw, where in rows}
+    kinds = {type(k) for k in keys}
+    if len(kinds) > 1:
+        i = next(k for k in keys if isinstance(k, int))
+        s = next(k for k in keys if isinstance(k, str))
+        raise DataError(f"{keys[s]}: label {s!r} is a string but {keys[i]} has the number {i}; list the labels in task.labels")
+    if len(keys) < 2:
+        raise DataError(f"{next(iter(keys.values()))}: the data holds a single class {next(iter(keys))!r}; "
+                        "classification needs 2 or more (or set task.regression: true)")
+    return sorted(keys)
+
+
+def read_table(path: Path, text_columns: list[str] | None, label_column: str, label_map: dict | None = None,
+               regression: bool = False) -> list[Example]:
+    """User data: CSV or JSONL with named text/label columns. Labels: mapped by ``label_map`` (name -> class),
+    numbers when ``regression``, else class ids 0..K-1 as found in the file."""
+    rows = table_rows(path, text_columns, label_column)
+    if regression:
+        return [Example(t, number_label(y, w)) for t, y, w in rows]
+    if label_map is None:
+        label_map = {str(c): i for i, c in enumerate(infer_classes(rows))}
+    return [Example(t, map_label(y, w, label_map)) for t, y, w in rows]
 
 
 # ------------------------------------------------------------------- multiple-choice QA
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise PeftlabError(f"data file not found: {path}")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _json_rows(Path(path))
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    return [r for _, r in rows]
 
 
 def _labels(path: Path) -> list[str]:
     if not path.is_file():
-        raise PeftlabError(f"label file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise DataError(f"label file not found: {path}")
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_arc(path: Path) -> list[Choice]:
-    out = []
-    for r in _jsonl(path):
+    def parse(r):
         ch = r["question"]["choices"]
         labels = [c["label"] for c in ch]
         if r["answerKey"] not in labels:
-            continue
-        out.append(Choice(f"Question: {r['question']['stem']}\nAnswer:", [" " + c["text"] for c in ch],
-                          labels.index(r["answerKey"])))
-    return out
+            return None
+        return Choice(f"Question: {r['question']['stem']}\nAnswer:", [" " + c["text"] for c in ch], labels.index(r["answerKey"]))
+
+    return _rows(path, _jsonl(path), parse)
 
 
 def read_openbookqa(path: Path) -> list[Choice]:
     header, rows = _read_tsv(path)
-    qi, ci, ai = header.index("Question Stem"), header.index("Choices"), header.index("Answer Key")
-    out = []
-    for r in rows:
+    try:
+        qi, ci, ai = header.index("Question Stem"), header.index("Choices"), header.index("Answer Key")
+    except ValueError:
+        raise DataError(f"{path}: expected columns 'Question Stem', 'Choices', 'Answer Key'; found {header}") from None
+
+    def parse(r):
         parts = re.split(r"\(([A-D])\)\s*", r[ci])[1:]
         labels, texts = parts[0::2], [t.strip() for t in parts[1::2]]
-        out.append(Choice(f"Question: {r[qi]}\nAnswer:", [" " + t for t in texts], labels.index(r[ai].strip())))
-    return out
+        return Choice(f"Question: {r[qi]}\nAnswer:", [" " + t for t in texts], labels.index(r[ai].strip()))
+
+    return _rows(path, rows, parse)
 
 
 def read_piqa(path: Path, labels_path: Path | None = None) -> list[Choice]:
@@ -208,21 +350,23 @@ def read_piqa(path: Path, labels_path: Path | None = None) -> list[Choice]:
     labels = _labels(labels_path or path.with_name(path.stem + "-labels.lst"))
     if len(labels) != len(rows):
         raise PeftlabError(f"{path}: {len(rows)} rows but {len(labels)} labels")
-    return [Choice(f"Question: {r['goal']}\nAnswer:", [" " + r["sol1"], " " + r["sol2"]], int(y)) for r, y in zip(rows, labels)]
+    return _rows(path, list(zip(rows, labels)),
+                 lambda ry: Choice(f"Question: {ry[0]['goal']}\nAnswer:", [" " + ry[0]["sol1"], " " + ry[0]["sol2"]], int(ry[1])))
 
 
 def read_sciq(path: Path, seed: int = 0) -> list[Choice]:
-    rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    rows = [r for _, r in _json_rows(Path(path))]
     rng = random.Random(seed)  # fixed choice order per example
-    out = []
-    for r in rows:
+
+    def parse(r):
         ch = [r["correct_answer"], r["distractor1"], r["distractor2"], r["distractor3"]]
         order = list(range(4))
         rng.shuffle(order)
         ctx = (r.get("support") or "").strip()
         ctx = f"{ctx}\n" if ctx else ""
-        out.append(Choice(f"{ctx}Question: {r['question']}\nAnswer:", [" " + ch[i] for i in order], order.index(0)))
-    return out
+        return Choice(f"{ctx}Question: {r['question']}\nAnswer:", [" " + ch[i] for i in order], order.index(0))
+
+    return _rows(path, rows, parse)
 
 
 def read_winogrande(path: Path, labels_path: Path | None = None) -> list[Choice]:
@@ -231,21 +375,30 @@ def read_winogrande(path: Path, labels_path: Path | None = None) -> list[Choice]
     rows = _jsonl(path)
     lp = labels_path or path.with_name(path.stem + "-labels.lst")
     labels = _labels(lp) if lp.is_file() else [r["answer"] for r in rows]
-    out = []
-    for r, y in zip(rows, labels):
+
+    def parse(ry):
+        r, y = ry
         pre, post = r["sentence"].split("_", 1)
-        out.append(Choice("", [pre + r["option1"] + post, pre + r["option2"] + post], int(y) - 1))
-    return out
+        return Choice("", [pre + r["option1"] + post, pre + r["option2"] + post], int(y) - 1)
+
+    return _rows(path, list(zip(rows, labels)), parse)
+
+
+BOOL_ANSWERS = {"true": 1, "yes": 1, "1": 1, "false": 0, "no": 0, "0": 0}
 
 
 def read_boolq(path: Path) -> list[Choice]:
-    out = []
-    for r in _jsonl(path):
+    """BoolQ rows: ``question``, ``passage`` and ``answer`` (or ``label``): a boolean, 0/1 or yes/no/true/false.
+    A row without an answer, or with another value, is refused naming the file and row."""
+
+    def parse(r):
         ans = r.get("answer", r.get("label"))
-        if isinstance(ans, str):
-            ans = ans.lower() in ("true", "yes", "1")
-        out.append(Choice(f"{r.get('passage', '')}\nQuestion: {r['question']}?\nAnswer:", [" no", " yes"], int(bool(ans))))
-    return out
+        key = str(ans).strip().lower() if isinstance(ans, (str, bool, int)) else None
+        if key not in BOOL_ANSWERS:
+            raise _BadRow(f"answer/label {json.dumps(ans)} is not true/false, yes/no or 0/1")
+        return Choice(f"{r.get('passage', '')}\nQuestion: {r['question']}?\nAnswer:", [" no", " yes"], BOOL_ANSWERS[key])
+
+    return _rows(path, _jsonl(path), parse)
 
 
 QA_READERS = {

@@ -1,4 +1,4 @@
-"""``peftlab demo``: LoRA on the packaged MiniLM with the project's own small sentiment dataset.
+"""Subcommands ``demo`` (LoRA on the packaged MiniLM with the project's own small sentiment dataset) and ``methods``.
 
 Offline on a fresh machine: accuracy before and after, trainable parameters, time, the saved
 adapter, and a few predictions — in a minute or two on 2 CPU cores.
@@ -11,14 +11,31 @@ import time
 from pathlib import Path
 
 
+def _methods(args) -> int:
+    from ..registry import config_class, methods
+
+    for name in methods():
+        doc = (config_class(name).__doc__ or "").strip().splitlines()
+        print(f"{name:<12} {config_class(name).__name__:<18} {doc[0] if doc else ''}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    sub.add_parser("methods", help="list the registered methods").set_defaults(func=_methods)
+    d = sub.add_parser("demo", help="attach LoRA to the packaged MiniLM and train it on a small bundled task")
+    d.add_argument("--out", default="runs/demo", help="where to write the demo run")
+    d.set_defaults(func=main)
+
+
 def main(args) -> int:
     import torch
 
     import peftlab
-    from peftlab.train import evaluate, run
-    from peftlab.train.config import load_config
-    from peftlab.train.data import load_task
-    from peftlab.train.loop import build_model
+
+    from ..train import evaluate, fs, run
+    from ..train.config import load_config
+    from ..train.data import load_task
+    from ..train.loop import build_model
 
     out = Path(args.out)
     cfg = load_config({
@@ -33,10 +50,8 @@ def main(args) -> int:
     before = evaluate(model, tok, data, cfg)["accuracy"]
     print(peftlab.report(model))
     print(f"dev accuracy before training: {before:.3f}")
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    if out.is_dir():
+        fs.clear_run(out)  # a previous demo's files only: never the folder's other contents
     t0 = time.perf_counter()
     res = run(cfg)
     print(f"dev accuracy after training:  {res['final']['accuracy']:.3f}  "

@@ -2,7 +2,7 @@
 
 Shipped with the package as ``peftlab/data/demo_sentiment_{train,dev}.jsonl`` (no download, nothing
 from ../shared): a few hundred sentences built from fixed word lists with a fixed seed, split into
-train and dev with disjoint subjects. Regenerate the files with ``python -m peftlab.demo_data``.
+train and dev with disjoint subjects. Regenerate the files with ``python -m peftlab.train.demo_data``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parents[1] / "data"  # the package data folder, peftlab/data
 LABELS = ["negative", "positive"]
 
 POS = ["wonderful", "delightful", "brilliant", "moving", "charming", "superb", "gripping", "heartfelt", "funny",
@@ -34,7 +34,7 @@ NEGATIONS = [("not {a}", "flip")]
 
 
 def _make(rng: random.Random, subjects: list[str], n: int) -> list:
-    from .train.tasks import Example
+    from .tasks import Example
 
     out = []
     for _ in range(n):
@@ -66,7 +66,7 @@ def write(seed: int = 0) -> dict[str, Path]:
 
 def load_shipped() -> tuple[list, list]:
     """(train, dev) read from the package's JSONL files."""
-    from .train.tasks import read_table
+    from .tasks import read_table
 
     files = shipped_files()
     label_map = {lab: i for i, lab in enumerate(LABELS)}
