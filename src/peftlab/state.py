@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from . import __version__, quant
 from .core import attach, delete, get_adapter_config, shared_key, slots, state
 from .errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError
 from .registry import config_class
@@ -41,6 +41,8 @@ def _sha256(path: Path) -> str:
 
 
 def _shape_of(module: nn.Module):
+    if quant.is_quantized(module):  # its logical shape: an adapter fits a quantized and a float base alike
+        return quant.quantized_shape(module)
     w = getattr(module, "weight", None)
     return list(w.shape) if isinstance(w, torch.Tensor) else type(module).__name__
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..registry import register
-from ..slot import linear_dims
+from ..slot import linear_dims, linear_weight_oi
 from .lora import LoRAConfig, LoRALayer
 
 
@@ -63,11 +63,7 @@ class DoRAConfig(LoRAConfig):
     method = "dora"
 
     def make_adapter(self, target, shared):
-        from ..slot import Slot
-
-        mod = target.module.base if isinstance(target.module, Slot) else target.module
-        w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
-        return DoRALayer(w, self.r, self.scale, self.dropout)
+        return DoRALayer(linear_weight_oi(target.module), self.r, self.scale, self.dropout)
 
     def formula_count(self, targets) -> int:
         return sum(self.r * sum(linear_dims(t.module)) + linear_dims(t.module)[1] for t in targets)
