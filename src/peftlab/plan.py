@@ -6,9 +6,11 @@
   quantized linears count their packed storage and statistics);
 - **trainable** parameters, their **gradients** (same dtype) and the **optimizer state** (AdamW: two fp32
   moments per trainable entry, SGD with momentum: one, plain SGD: none);
-- **activations**: the tensors autograd saves for the backward pass, counted once per storage and without
-  the parameters it also saves, measured by one probe forward at batch 1 under
-  ``torch.autograd.graph.saved_tensors_hooks`` and scaled linearly in the batch. Whatever a method does to
+- **activations**: the most bytes of tensors autograd holds for the backward pass at any one time, counted
+  once per storage and without the parameters it also saves, measured by two probe steps (forward and
+  backward, batch 1 and 2, no optimizer) under ``torch.autograd.graph.saved_tensors_hooks``: their difference is the per-sample part, the rest is what
+  does not grow with the batch (a weight the method rebuilds and saves: PST's masked weight, GOFT's rotated
+  one). Whatever a method does to
   its saved tensors is seen as it is (MEFT's reversible stack saves almost nothing, a quantized base saves
   what bitsandbytes saves, LoRA-FA does not save x ...), so no per-method table has to be kept;
 - **transient**: the largest single saved tensor once more (the gradient that flows back through it, e.g. the
@@ -19,8 +21,9 @@ pass starts with every saved activation alive and no gradient yet, and ends with
 activation; the optimizer step then needs the gradients plus one trainable-sized workspace (``foreach``
 AdamW). Measured against real steps this is within a few percent where the old sum of all terms
 over-predicted full fine-tuning by 16%. ``max_batch(budget)`` is the largest
-batch whose peak fits ``budget`` bytes. The probe runs one forward on batch 1 (no backward, no optimizer),
-on a deep copy when a ``config`` is given, so the caller's model is untouched. Measured against real steps:
+batch whose peak fits ``budget`` bytes. The probe runs forward and backward on batches of 1 and 2 (no optimizer step),
+on a deep copy when a ``config`` is given; without one it restores the gradients it leaves, so the caller's
+model is untouched either way. Measured against real steps:
 ``benchmarks/memory_plan.py`` (predicted vs measured table in benchmarks/results/memory_plan.md).
 """
 
@@ -72,6 +75,7 @@ class MemoryPlan:
     optimizer_state: int = 0
     activations_per_sample: int = 0
     transient_per_sample: int = 0
+    activations_fixed: int = 0  # saved tensors that do not grow with the batch (rebuilt weights)
 
     @property
     def weight_bytes(self) -> int:
@@ -79,16 +83,16 @@ class MemoryPlan:
 
     @property
     def fixed(self) -> int:
-        """What does not grow with the batch: weights and optimizer state."""
-        return self.weight_bytes + self.optimizer_state
+        """What does not grow with the batch: weights, optimizer state, batch-independent saved tensors."""
+        return self.weight_bytes + self.optimizer_state + self.activations_fixed
 
     def activations(self, batch_size: int | None = None) -> int:
-        return self.activations_per_sample * (batch_size or self.batch_size)
+        return self.activations_fixed + self.activations_per_sample * (batch_size or self.batch_size)
 
     def peak(self, batch_size: int | None = None) -> int:
         b = batch_size or self.batch_size
         backward = (self.activations_per_sample + self.transient_per_sample) * b
-        return self.fixed + max(backward, self.gradients + self.trainable_bytes)
+        return self.fixed + max(backward, self.gradients + self.trainable_bytes - self.activations_fixed)
 
     def max_batch(self, budget: int | str) -> int:
         """The largest batch whose predicted peak fits ``budget`` (0 if not even one sample does)."""
@@ -153,24 +157,73 @@ def probe_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, t
     return {k: v.to(device) for k, v in out.items()}
 
 
+class _Saved:
+    """What autograd keeps for a saved tensor while the probe runs: releases its storage's count when the
+    graph node that holds it is freed."""
+
+    __slots__ = ("tensor", "ptr", "ledger")
+
+    def __init__(self, tensor, ptr, ledger):
+        self.tensor, self.ptr, self.ledger = tensor, ptr, ledger
+
+    def __del__(self):
+        self.ledger.release(self.ptr)
+
+
+class _Ledger:
+    """Bytes of the distinct storages autograd holds right now, and the most it held at once."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.live, self.now, self.peak, self.largest = exclude, {}, 0, 0, 0
+
+    def pack(self, t):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return t
+        s = t.untyped_storage()
+        ptr = s.data_ptr()
+        if ptr == 0 or ptr in self.exclude:
+            return t
+        entry = self.live.setdefault(ptr, [0, s.nbytes()])
+        if entry[0] == 0:
+            self.now += entry[1]
+            self.peak = max(self.peak, self.now)
+        entry[0] += 1
+        self.largest = max(self.largest, entry[1])
+        return _Saved(t, ptr, self)
+
+    @staticmethod
+    def unpack(x):
+        return x.tensor if isinstance(x, _Saved) else x
+
+    def release(self, ptr):
+        entry = self.live.get(ptr)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                self.now -= entry[1]
+                del self.live[ptr]
+
+
 def saved_activation_bytes(model: nn.Module, inputs: dict) -> tuple[int, int]:
-    """(bytes of the distinct storages autograd saves in one forward, bytes of the largest one), parameters
-    and buffers excluded."""
-    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            s = t.untyped_storage()
-            if s.data_ptr() not in params:
-                storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(**inputs)
-        loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
-    del loss, out
-    return sum(storages.values()), max(storages.values(), default=0)
+    """(the most bytes autograd held at once in saved tensors over one forward *and backward*, the largest
+    single saved storage), parameters and buffers excluded. Tensors saved while the backward pass recomputes
+    (MEFT's reversible blocks, GOFT's recomputed rotations) count while they live. Gradients the probe leaves
+    on parameters are put back as they were."""
+    ledger = _Ledger({t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())})
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(ledger.pack, ledger.unpack):
+            out = model(**inputs)
+            loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
+            del out
+            if loss.requires_grad:
+                loss.backward()
+            del loss
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+    return ledger.peak, ledger.largest
 
 
 def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128, optimizer: str = "adamw",
@@ -192,10 +245,13 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
     was_training = model.training
     model.train()
     try:
-        act, largest = saved_activation_bytes(model, probe_inputs(model, 1, seq_len))
+        one, largest = saved_activation_bytes(model, probe_inputs(model, 1, seq_len))
+        two, largest2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len))
     finally:
         model.train(was_training)
+    per_sample = max(two - one, 0)
     return MemoryPlan(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                       weights=_weights_by_kind(model), trainable_params=n_train, trainable_bytes=train_bytes,
                       gradients=train_bytes, optimizer_state=OPTIMIZER_MOMENTS[optimizer] * n_train * 4,
-                      activations_per_sample=act, transient_per_sample=largest)
+                      activations_per_sample=per_sample, activations_fixed=max(one - per_sample, 0),
+                      transient_per_sample=max(largest2 - largest, 0))
