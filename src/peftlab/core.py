@@ -287,7 +287,7 @@ def delete(model: nn.Module, name: str) -> None:
     if not st.configs:
         _drop_state(model)
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(p.is_floating_point())  # quantized bases hold integer storage
     else:
         _update_trainable(model)
 
@@ -331,7 +331,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         del model._modules[_SHARED_ATTR]
     model.__dict__.pop(_STATE_ATTR, None)
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(p.is_floating_point())
     return model
 
 

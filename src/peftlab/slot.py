@@ -17,6 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import quant
 from .errors import AdapterExistsError, NotMergeableError
 
 
@@ -120,17 +121,20 @@ class Slot(nn.Module):
         return getattr(self.base, "bias", None)
 
     def weight_oi(self) -> torch.Tensor:
-        """The base weight in (out, in) layout; a view, so in-place edits reach the base."""
+        """The base weight in (out, in) layout; a view, so in-place edits reach the base. A quantized base
+        gives its dequantized weight instead (a frozen copy: merges go through :meth:`merge`)."""
+        if quant.is_quantized(self.base):
+            return quant.dequantized_weight(self.base)
         w = self.base.weight
         return w.t() if self.fan_in_fan_out else w
 
     @property
     def in_features(self) -> int:
-        return self.weight_oi().shape[1]
+        return linear_dims(self.base)[0]
 
     @property
     def out_features(self) -> int:
-        return self.weight_oi().shape[0]
+        return linear_dims(self.base)[1]
 
     # ---- adapter management
     def keys_of(self, name: str) -> list[str]:
@@ -168,18 +172,31 @@ class Slot(nn.Module):
         for n in todo:
             if not getattr(self.adapters[n], "mergeable", False):
                 raise NotMergeableError(f"adapter {display_key(n)!r} ({type(self.adapters[n]).__name__}) cannot be merged")
+        quantized = quant.is_quantized(self.base) and bool(todo)
         with torch.no_grad():
+            if quantized:  # dequantize -> merge -> requantize; the exact original is kept for unmerge
+                original, self.base = self.base, quant.float_linear(self.base)
             for n in todo:
                 self.adapters[n].merge(self)
                 self.merged.append(n)
+            if quantized:
+                merged = self.base.weight
+                self.base = quant.requantize_like(original, merged)
+                self.merge_error = (quant.dequantized_weight(self.base) - merged).abs().max().item()
+                self.__dict__.setdefault("_prequant", original)
         self.refresh()
         return todo
 
     def unmerge(self) -> None:
+        original = self.__dict__.pop("_prequant", None)
         with torch.no_grad():
+            if original is not None:  # let the adapters undo their bookkeeping, then restore the exact base
+                self.base = quant.float_linear(self.base)
             while self.merged:
                 n = self.merged.pop()
                 self.adapters[n].unmerge(self)
+            if original is not None:
+                self.base, self.merge_error = original, 0.0
         self.refresh()
 
     # ---- forward
@@ -197,10 +214,22 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a transformers Conv1D (weight stored (in, out))."""
     if isinstance(module, Slot):
         module = module.base
+    if quant.is_quantized(module):
+        out_f, in_f = quant.quantized_shape(module)
+        return in_f, out_f
     w = module.weight
     if type(module).__name__ == "Conv1D":
         return w.shape[0], w.shape[1]
     return w.shape[1], w.shape[0]
+
+
+def linear_weight_oi(module: nn.Module) -> torch.Tensor:
+    """(out, in) weight of an nn.Linear, a transformers Conv1D or a quantized linear (dequantized copy)."""
+    if isinstance(module, Slot):
+        return module.weight_oi()
+    if quant.is_quantized(module):
+        return quant.dequantized_weight(module)
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
 def base_linear(slot: Slot, x: torch.Tensor) -> torch.Tensor:

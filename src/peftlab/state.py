@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import quant
 from ._version import __version__
 from .core import (
     adapter_names,
@@ -59,6 +60,8 @@ def _sha256(path: Path) -> str:
 
 
 def _shape_of(module: nn.Module):
+    if quant.is_quantized(module):  # its logical shape: an adapter fits a quantized and a float base alike
+        return quant.quantized_shape(module)
     w = getattr(module, "weight", None)
     return list(w.shape) if isinstance(w, torch.Tensor) else type(module).__name__
 

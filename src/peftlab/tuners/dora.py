@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import check_size
 from ..registry import register
-from ..slot import linear_dims
+from ..slot import linear_dims, linear_weight_oi
 from .lora import LoRAConfig, LoRALayer
 
 
@@ -66,8 +66,7 @@ class DoRAConfig(LoRAConfig):
     def make_adapter(self, target, ctx):
         mod = target.module
         check_size(self, "r", self.r, min(linear_dims(mod)), f"the smaller dimension of {target.name}")
-        w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
-        return DoRALayer(w, self.r, self.scale, self.dropout)
+        return DoRALayer(linear_weight_oi(mod), self.r, self.scale, self.dropout)
 
     def formula_count(self, ctx) -> int:
         return sum(self.r * sum(linear_dims(t.module)) + linear_dims(t.module)[1] for t in ctx.targets)
