@@ -45,7 +45,7 @@ def one(model_name: str, method: str, seq: int, batch: int) -> dict:
 
     import peftlab
     from peftlab import quant
-    from peftlab.plan import plan, probe_inputs
+    from peftlab.planner import plan, probe_inputs
 
     torch.manual_seed(0)
     from peftlab.train.backbones import load_model

@@ -39,11 +39,11 @@ def _model_bytes(model) -> int:
 
 def run(model_name: str, steps: int, batch: int, seq: int) -> list[dict]:
     import torch
-    from peftlab.train.backbones import load_model
 
     import peftlab
     from peftlab import quant
-    from peftlab.plan import probe_inputs
+    from peftlab.planner import probe_inputs
+    from peftlab.train.backbones import load_model
 
     models, rows = {}, []
     for base in ("fp32", "nf4", "int8"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.plan import saved_activation_bytes
+from peftlab.planner import saved_activation_bytes
 from peftlab.testing import tiny_model
 from peftlab.train.data import choice_scores
 from peftlab.train.lm_loss import answer_loss, answer_scores

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.plan import parse_bytes, plan, probe_inputs, saved_activation_bytes
+from peftlab.planner import parse_bytes, plan, probe_inputs, saved_activation_bytes
 from peftlab.testing import tiny_model
 
 

@@ -231,6 +231,12 @@ def validate(cfg: RunConfig) -> None:
     if "trust_remote_code" in cfg.model_args:
         raise ConfigError("model_args.trust_remote_code: not accepted in a config (it would be stored and rerun "
                           "silently); pass --trust-remote-code on the command line each time instead")
+    scheme = cfg.model_args.get("quantize")
+    if scheme is not None and scheme not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"model_args.quantize: {scheme!r} is invalid; expected one of nf4, fp4, int8")
+    if scheme is not None and cfg.method == "full":
+        raise ConfigError("model_args.quantize: a quantized base is frozen, full fine-tuning cannot train it; "
+                          "pick a PEFT method")
 
 
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:

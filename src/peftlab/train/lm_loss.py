@@ -47,11 +47,12 @@ def scored_logits(model: nn.Module, mask: torch.Tensor):
         handle.remove()
 
 
-def answer_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Mean token cross-entropy over the labelled tokens (as ``model(**batch).loss``), head on those only."""
+def answer_loss(model: nn.Module, batch: dict, unwrapped: nn.Module | None = None) -> torch.Tensor:
+    """Mean token cross-entropy over the labelled tokens (as ``model(**batch).loss``), head on those only.
+    ``unwrapped``: the HF model inside a DDP/accelerate wrapper ``model`` (it owns the output embeddings)."""
     mask, target = scored_positions(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with scored_logits(model, mask):
+    with scored_logits(unwrapped if unwrapped is not None else model, mask):
         logits = model(**inputs).logits
     return F.cross_entropy(logits.float(), target)
 

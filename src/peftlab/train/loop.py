@@ -19,13 +19,13 @@ import torch
 
 import peftlab
 
+from .. import quant
 from ..errors import PeftlabError
 from . import checkpoint, fs
 from . import resume as resume_check
 from .config import ConfigError, RunConfig, load_config
 from .data import (
     TaskData,
-    choice_scores,
     collate,
     encode_choice_eval,
     encode_choice_train,
@@ -33,6 +33,7 @@ from .data import (
     load_task,
 )
 from .guard import DivergenceGuard, TrainingDivergedError, unhealthy
+from .lm_loss import answer_loss, answer_scores
 from .metrics import compute
 
 log = logging.getLogger("peftlab.train")
@@ -60,20 +61,26 @@ def build_model(cfg: RunConfig, data: TaskData, trust_remote_code: bool = False)
     task = "causal-lm" if data.kind == "choice" else ("regression" if data.kind == "regression" else "classification")
     name = cfg.model
     conf = model_config(name, trust_remote_code)  # validate against the config before loading any weights
-    check_model_args(name, conf, cfg.model_args)
+    model_args = dict(cfg.model_args)
+    scheme = model_args.pop("quantize", None)  # peftlab's own key: a quantized frozen base (peftlab.quant)
+    check_model_args(name, conf, model_args)
     positions = getattr(conf, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.train.max_length > positions:
         raise ConfigError(f"train.max_length: {cfg.train.max_length} exceeds {name}'s max_position_embeddings ({positions})")
     tok = load_tokenizer(name, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    kwargs = dict(cfg.model_args)
+    kwargs = model_args
     if task != "causal-lm" and data.label_names:
         kwargs.setdefault("id2label", dict(enumerate(data.label_names)))
         kwargs.setdefault("label2id", {v: k for k, v in enumerate(data.label_names)})
     model = load_model(name, task=task, num_labels=data.num_labels, trust_remote_code=trust_remote_code, **kwargs)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    if scheme is not None:
+        quant.quantize(model, scheme)
+        log.info("base quantized to %s: %s of linear weights", scheme,
+                 ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in quant.linear_bytes(model).items()))
     if cfg.method != "full":
         try:
             peftlab.attach(model, peftlab.get_config(cfg.method, **cfg.method_args))
@@ -116,8 +123,7 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
             for i in chunks(len(items), dname):
                 chunk = items[i : i + bs]
                 b = {k: v.to(dev) for k, v in collate(chunk, tok.pad_token_id).items()}
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                sc = choice_scores(logits, b["labels"], cfg.task.length_normalize).cpu()
+                sc = answer_scores(model, b, cfg.task.length_normalize).cpu()
                 for it, s in zip(chunk, sc.tolist()):
                     if it["q"] not in best or s > best[it["q"]][0]:
                         best[it["q"]] = (s, it["c"])
@@ -257,7 +263,8 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
         loss_val = 0.0
         for m in range(t.grad_accum):
             batch = micro_batch(step * t.grad_accum + m)
-            loss = model(**batch).loss
+            # multiple choice: the LM head runs on the answer tokens only (train/lm_loss.py)
+            loss = answer_loss(model, batch, raw) if data.kind == "choice" else model(**batch).loss
             extra = peftlab.training_loss(raw)
             if extra is not None:
                 loss = loss + extra
