@@ -38,6 +38,7 @@ from .errors import (  # noqa: E402
 from .interop.peft_format import export_peft, import_peft  # noqa: E402
 from .registry import config_class, get_config, methods  # noqa: E402
 from .report import report  # noqa: E402
+from .serving.batch import batch_adapters  # noqa: E402
 from .state import load, save  # noqa: E402
 from .tuners.bitfit import BitFitConfig  # noqa: E402
 from .tuners.dora import DoRAConfig  # noqa: E402
@@ -48,7 +49,7 @@ __all__ = [
     "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "CorruptAdapterError", "DoRAConfig",
     "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig", "NotMergeableError",
     "PeftlabError", "TargetNotFoundError", "UnknownMethodError", "UnsupportedArchitectureError",
-    "adapter_names", "attach", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
+    "adapter_names", "attach", "batch_adapters", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
     "load", "merge", "methods", "report", "save", "set_active", "trainable_parameters", "training_loss",
     "unload", "unmerge",
 ]
