@@ -178,12 +178,13 @@ def test_per_row_heads():
     g = torch.Generator().manual_seed(3)
     heads = {n: {k: torch.randn(v.shape, generator=g) for k, v in m.classifier.state_dict().items()} for n in "ab"}
     heads = {n: {f"classifier.{k}": v for k, v in h.items()} for n, h in heads.items()}
-    inputs = tiny_inputs("bert", batch=3)
-    names = ["b", None, "a"]
+    inputs = tiny_inputs("bert", batch=4)
+    names = ["b", None, "a", "a"]
+    heads[None] = {f"classifier.{k}": torch.randn(v.shape, generator=g) for k, v in m.classifier.state_dict().items()}
     own = {k: v.clone() for k, v in m.classifier.state_dict().items()}
     ref = []
     for i, n in enumerate(names):
-        m.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in heads[n].items()} if n else own)
+        m.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in heads[n].items()})
         ref += _alone(m, {k: v[i:i + 1] for k, v in inputs.items()}, [n])
     m.classifier.load_state_dict(own)
     with torch.no_grad(), peftlab.batch_adapters(m, names, heads=heads):
@@ -191,3 +192,7 @@ def test_per_row_heads():
     for i, r in enumerate(ref):
         torch.testing.assert_close(out[i:i + 1], r, atol=1e-5, rtol=1e-5)
     assert "forward" not in m.classifier.__dict__
+    del heads["b"]  # rows without an entry use the model's own head
+    with torch.no_grad(), peftlab.batch_adapters(m, names, heads=heads):
+        out = output_tensor(m(**inputs))
+    torch.testing.assert_close(out[:1], _alone(m, {k: v[:1] for k, v in inputs.items()}, ["b"])[0], atol=1e-5, rtol=1e-5)

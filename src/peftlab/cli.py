@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="attach LoRA to the packaged MiniLM and train it on a small bundled task")
     d.add_argument("--out", default="runs/demo", help="where to write the demo run")
     d.set_defaults(func=_demo)
+    from .serving.cli import add_parser as _serve_parser  # the integrator moves this into the cli package
+    _serve_parser(sub)
     for extend in _EXTENSIONS:
         extend(sub)
     return p

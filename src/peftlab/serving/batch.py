@@ -97,8 +97,8 @@ def _plan_heads(model: nn.Module, names: list[str | None], heads: dict) -> list[
     plans = []
     for m in [m for m in prefixes if not any(m.startswith(o + ".") for o in prefixes)]:
         rel = {n: {k[len(m) + 1:]: v for k, v in sd.items() if k.startswith(m + ".")} for n, sd in heads.items()}
-        chains = [(n if rel.get(n) else None,) for n in names]
-        plans.append((resolve(model, m), [(rel[c[0]] if c[0] is not None else None, r) for c, r in _groups(chains)]))
+        chains = [(n, True) if rel.get(n) else (None, False) for n in names]  # (name, has its own head)
+        plans.append((resolve(model, m), [(rel[c[0]] if c[1] else None, r) for c, r in _groups(chains)]))
     return plans
 
 

@@ -68,11 +68,16 @@ def _register_builtins() -> None:
 
 
 # ------------------------------------------------------------------ stack cache
+def _version(t: torch.Tensor):
+    """In-place edits bump a tensor's version counter (inference tensors have none: they are immutable)."""
+    return id(t) if t.is_inference() else t._version
+
+
 def _token(slot, keys) -> tuple:
     ads = [slot.adapters[k] for k in keys]
-    vers = tuple((k, id(a), tuple(t._version for t in [*a.parameters(), *a.buffers()])) for k, a in zip(keys, ads))
+    vers = tuple((k, id(a), tuple(_version(t) for t in [*a.parameters(), *a.buffers()])) for k, a in zip(keys, ads))
     w = getattr(slot.base, "weight", None)
-    return vers, (id(w), w._version) if isinstance(w, torch.Tensor) else None
+    return vers, (id(w), _version(w)) if isinstance(w, torch.Tensor) else None
 
 
 def stacks(slot, kind: str, build) -> tuple[dict[str, int], dict]:
