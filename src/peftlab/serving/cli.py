@@ -23,6 +23,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-loaded", type=int, default=16, help="adapters attached at a time (LRU; others reload from disk)")
     p.add_argument("--truncate", action="store_true", help="cut /v1/predict inputs to the model length instead of 413")
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or $PEFTLAB_SERVE_TOKEN)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
 
@@ -46,6 +47,10 @@ def adapter_dirs(args) -> list[tuple[str | None, Path]]:
 
 
 def build(args):
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     from .app import create_app
     from .store import AdapterStore, load_base
 
