@@ -74,6 +74,12 @@ def test_lora_family_generate_llama():
     assert len({tuple(r[0, 6:].tolist()) for r in ref}) > 1  # the adapters do change the continuation
 
 
+def test_lora_dora_on_gpt2_conv1d():
+    m = _attach(tiny_model("gpt2"), {"a": peftlab.LoRAConfig(r=4, targets=["q", "ffn_in"]),
+                                     "d": peftlab.DoRAConfig(r=2, targets=["q", "o"])})
+    _check_forward(m, tiny_inputs("gpt2", batch=3), ["d", "a", None])
+
+
 def test_ia3_and_adapters_and_mixed_kinds():
     m = _attach(tiny_model("bert"), {
         "ia3": peftlab.IA3Config(),

@@ -223,6 +223,11 @@ def test_mixed_generation_equals_single_adapter_runs(served):
         outs.append(tuple(ref.tolist()))
     assert len(set(outs)) > 1
     assert httpx.post(procs["lm"].url + "/v1/predict", json={"inputs": ["x"]}).status_code == 400
+    r = httpx.post(procs["lm"].url + "/v1/generate", json={"adapter": "g2", "prompt": "hi", "max_new_tokens": 4,
+                                                         "temperature": 0.9}, timeout=30)
+    assert r.status_code == 200 and 1 <= len(r.json()["tokens"]) <= 4
+    r = httpx.post(procs["lm"].url + "/v1/generate", json={"prompt": "hi " * 40, "max_new_tokens": 30}, timeout=30)
+    assert r.status_code == 413
 
 
 def test_sigterm_drains_and_exits_cleanly(served):

@@ -68,8 +68,7 @@ class AdapterStore:
         self.max_loaded, self.truncate = max(1, int(max_loaded)), truncate
         self.paths: dict[str, Path] = {}
         self.loaded: OrderedDict[str, dict] = OrderedDict()  # name -> its head tensors; most recent last
-        self.base_head = {f"{h}.{k}": v.detach().clone() for h in HEAD_NAMES if _has(model, h)
-                          for k, v in resolve(model, h).state_dict().items()}
+        self.base_head = {k: v for h in HEAD_NAMES if _has(model, h) for k, v in _module_state(model, h).items()}
         mp = [getattr(model.config, k, None) for k in ("max_position_embeddings", "n_positions")]
         tm = getattr(tok, "model_max_length", None)
         self.max_length = min([x for x in [*mp, tm if tm and tm < 1e6 else None] if x] or [512])
@@ -106,13 +105,14 @@ class AdapterStore:
             raise AdapterNotFoundError(f"no adapter named {name!r}; registered: {sorted(self.paths)}")
 
     def _attach(self, name: str, path: Path) -> None:
-        from ..state import load
+        from ..state import load, read_meta
 
+        for h in read_meta(path).get("heads", []):  # first sight of a saved module: keep the base's values
+            if _has(self.model, h) and not any(k.startswith(h + ".") for k in self.base_head):
+                self.base_head.update(_module_state(self.model, h))
         load(self.model, path, name=name, is_trainable=False)
         self.loads += 1
-        heads = state(self.model).heads.get(name, [])
-        own = {f"{h}.{k}": v.detach().clone() for h in heads for k, v in resolve(self.model, h).state_dict().items()}
-        self.loaded[name] = {**self.base_head, **own}
+        self.loaded[name] = {k: v for h in state(self.model).heads.get(name, []) for k, v in _module_state(self.model, h).items()}
         set_active(self.model, [])
 
     def _detach(self, name: str) -> None:
@@ -127,7 +127,8 @@ class AdapterStore:
             self._detach(n)
 
     def ensure(self, names: list[str | None]) -> dict:
-        """Attach the adapters of a batch (re-loading evicted ones from disk); their per-row heads."""
+        """Attach the adapters of a batch (re-loading evicted ones from disk); their per-row heads (the saved
+        modules of each adapter — task heads, ``modules_to_save`` — over the base model's values)."""
         need = list(dict.fromkeys(n for n in names if n is not None))
         for n in need:
             self._known(n)
@@ -139,7 +140,7 @@ class AdapterStore:
             else:
                 self._evict(keep=set(need), room=1)
                 self._attach(n, self.paths[n])
-        heads = {n: self.loaded[n] for n in need}
+        heads = {n: {**self.base_head, **self.loaded[n]} for n in need}
         heads[None] = self.base_head
         return heads if self.base_head else {}
 
@@ -185,6 +186,10 @@ class AdapterStore:
             t = t[: t.index(eos) + 1] if eos in t else t  # finished rows are padded after their end token
             results.append({"text": self.tok.decode(t, skip_special_tokens=True), "tokens": t})
         return results
+
+
+def _module_state(model: nn.Module, name: str) -> dict:
+    return {f"{name}.{k}": v.detach().clone() for k, v in resolve(model, name).state_dict().items()}
 
 
 def _has(model: nn.Module, name: str) -> bool:
