@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         rows += bench_model(name, args, rng)
-    meta = {"device": args.device if args.device != "cpu" else f"CPU ({torch.get_num_threads()} threads)",
+    meta = {"device": args.device,
             "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "r": args.r,
             "repeats": args.repeats, "tiny": args.tiny, "torch": torch.__version__,
             "command": "python benchmarks/serving_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
