@@ -70,6 +70,8 @@ def _plan_slot(path: str, slot, names: list[str | None]):
         if kset != {kind} or not all(len(c) == 1 for c in chains):
             return _refuse(path, slot, used, f"every row of a batch with {kind} tuning must use a {kind} adapter "
                            "(base rows and other methods change the sequence length differently)")
+        if len({getattr(slot.adapters[k], "strip", None) for k in used}) > 1:
+            return _refuse(path, slot, used, "prompt adapters that differ in strip_outputs")
         index, by_len = mixers.stacks(slot, kind, mixers.BUILDERS[kind])
         lengths = sorted({index[k][0] for k in used})
         if len(lengths) > 1:
