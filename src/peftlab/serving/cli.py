@@ -69,7 +69,7 @@ def run(args) -> int:
 
     try:
         app, store = build(args)
-    except PeftlabError as e:
+    except (PeftlabError, OSError, ImportError) as e:  # bad adapter folder, unknown model, missing package
         print(f"peftlab serve: {e}", file=sys.stderr)
         return 2
     print(f"peftlab serve: {store.task} model {args.model}, adapters {sorted(store.paths)}, "
