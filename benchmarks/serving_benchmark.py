@@ -10,7 +10,7 @@ mixed batch equals the separate runs (max |Δ| of the outputs). Goals (issue 21)
 
     python benchmarks/serving_benchmark.py                               # full run (the integrator's)
     python benchmarks/serving_benchmark.py --tiny --out /tmp/smoke       # seconds: tiny random models
-    python benchmarks/serving_benchmark.py --device cuda
+    python benchmarks/serving_benchmark.py --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -141,14 +141,14 @@ def mixed_row(name, base, ours, pm, x, names, args) -> dict:
 
 def bench_model(name: str, args, rng) -> list[dict]:
     dev = torch.device(args.device)
-    base = load(name, args.tiny).to(dev)
+    base = load(name, args.tiny).to(dev, getattr(torch, args.dtype))
     vocab = base.config.vocab_size
     x = {"input_ids": torch.randint(5, vocab - 1, (args.batch, args.seq), device=dev),
          "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=dev)}
     out = []
     for n in args.adapters:
         ours, pm = build(base, n, args.r, args.seed)
-        ours, pm = ours.to(dev), pm.to(dev)
+        ours, pm = ours.to(dev, base.dtype), pm.to(dev, base.dtype)  # adapters in the base dtype too
         for pop in ("uniform", "zipf") if n > 1 else ("uniform",):
             row = {**mixed_row(name, base, ours, pm, x, assign(n, args.batch, pop, rng), args), "popularity": pop}
             print(json.dumps(row), flush=True)
@@ -191,6 +191,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tiny", action="store_true", help="tiny random models instead of the real ones (smoke test)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving_benchmark"))
     args = ap.parse_args(argv)
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         rows += bench_model(name, args, rng)
-    meta = {"device": args.device,
+    meta = {"device": args.device, "dtype": args.dtype,
             "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq, "r": args.r,
             "repeats": args.repeats, "tiny": args.tiny, "torch": torch.__version__,
             "command": "python benchmarks/serving_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])}
