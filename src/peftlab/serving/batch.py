@@ -19,7 +19,8 @@ this model would). ``heads={name: {param_name: tensor}}`` (full model parameter 
 the head each adapter was trained with.
 
 Inference only: the stacked weights are detached (no gradient reaches the adapters) and dropout in
-the adapters is not applied.
+the adapters is not applied. The block swaps the slots' forwards on the model object, so one thread at a
+time may use a model inside it (the server runs every model call on one thread).
 """
 
 from __future__ import annotations
