@@ -202,3 +202,26 @@ def test_per_row_heads():
     with torch.no_grad(), peftlab.batch_adapters(m, names, heads=heads):
         out = output_tensor(m(**inputs))
     torch.testing.assert_close(out[:1], _alone(m, {k: v[:1] for k, v in inputs.items()}, ["b"])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_lora_family_never_runs_per_adapter_forwards(monkeypatch):
+    """The LoRA family is one batched computation over the stacked weights: no adapter's own forward runs."""
+    from peftlab.tuners.dora import DoRALayer
+    from peftlab.tuners.lora import LoRALayer
+
+    m = _attach(tiny_model("llama"), {f"a{i}": (peftlab.DoRAConfig if i % 3 == 0 else peftlab.LoRAConfig)(r=2 + i % 3)
+                                      for i in range(6)})
+    inputs = tiny_inputs("llama", batch=6)
+    names = [f"a{i}" for i in (5, 0, 3, 1, 2, 4)]
+    with torch.no_grad():
+        ref = _alone(m, inputs, names)
+
+    def boom(*a, **k):
+        raise AssertionError("a per-adapter forward ran inside batch_adapters")
+
+    monkeypatch.setattr(LoRALayer, "forward", boom)
+    monkeypatch.setattr(DoRALayer, "forward", boom)
+    with torch.no_grad(), peftlab.batch_adapters(m, names):
+        out = output_tensor(m(**inputs))
+    for i, r in enumerate(ref):
+        torch.testing.assert_close(out[i:i + 1], r, atol=1e-5, rtol=1e-5)
