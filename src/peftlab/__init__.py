@@ -40,6 +40,7 @@ from .planner import plan
 from .quant import quantize
 from .registry import config_class, get_config, methods
 from .report import report
+from .serving.batch import batch_adapters
 from .state import load, save
 from .tuners.bitfit import BitFitConfig
 from .tuners.dora import DoRAConfig
@@ -50,7 +51,7 @@ __all__ = [
     "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "ComposeConfig", "ConfigError",
     "CorruptAdapterError", "DoRAConfig", "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig",
     "NotMergeableError", "PeftlabError", "TargetNotFoundError", "UnknownMethodError",
-    "UnsupportedArchitectureError", "__version__", "adapter_names", "adapter_parts", "attach",
+    "UnsupportedArchitectureError", "__version__", "adapter_names", "adapter_parts", "attach", "batch_adapters",
     "before_optimizer_step", "checkpoint_eligible", "compose", "config_class", "delete", "disabled",
     "export_peft", "get_adapter_config", "get_config", "import_peft", "load", "merge", "methods",
     "on_train_step", "plan", "quantize", "report", "save", "set_active", "trainable_parameters", "training_loss", "unload", "unmerge",

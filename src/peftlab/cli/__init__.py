@@ -2,7 +2,7 @@
 
 Every subcommand group lives in its own module and is added here in plain sight (no self-registration,
 no swallowed ImportError): ``demo`` (demo, methods), ``train`` (train, eval, predict), ``explore``,
-``sparse`` (export-sparse), ``plan``. Errors from user input end as one line ``peftlab: error: ...`` and exit 2;
+``sparse`` (export-sparse), ``plan``, ``serve``. Errors from user input end as one line ``peftlab: error: ...`` and exit 2;
 anything else is an internal error (exit 1); ``--debug`` shows the traceback (see :mod:`.boundary`).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import demo, explore, plan, sparse, train
+from . import demo, explore, plan, serve, sparse, train
 from .boundary import call, console_logging
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_commands(sub)
     sparse.add_commands(sub)
     plan.add_commands(sub)
+    serve.add_commands(sub)
     return p
 
 

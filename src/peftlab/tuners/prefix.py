@@ -62,8 +62,8 @@ class PrefixCacheView:
         if self.inner is not None:
             key, value = self.inner.update(key, value, layer_idx, *args, **kwargs)
         b = key.shape[0]
-        pk = self.pk.to(key.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-        pv = self.pv.to(value.dtype).unsqueeze(0).expand(b, -1, -1, -1)
+        pk = self.pk.to(key.dtype).expand(b, -1, -1, -1)  # (h, l, d), or (b, h, l, d) per row
+        pv = self.pv.to(value.dtype).expand(b, -1, -1, -1)
         return torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
 
     def __getattr__(self, name):
@@ -102,7 +102,7 @@ class PrefixAttention(Adapter):
             inner = inner.self_attention_cache
         past = inner.get_seq_length(getattr(slot.base, "layer_idx", 0) or 0) if inner is not None else 0
         a[self.cache_key] = PrefixCacheView(inner, pk, pv)
-        a["attention_mask"] = _extend_mask(a.get("attention_mask"), pk.shape[1], hs.shape[1], past, self.causal, hs.device)
+        a["attention_mask"] = _extend_mask(a.get("attention_mask"), pk.shape[-2], hs.shape[1], past, self.causal, hs.device)
         return base_fn(**a, **extra)
 
 

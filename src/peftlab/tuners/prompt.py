@@ -38,7 +38,7 @@ class SoftPrompt(Adapter):
     def forward(self, slot, base_fn, *args, **kwargs):
         a = self.signature.bind(*args, **kwargs).arguments
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
-        p = self.prompt.shape[0]
+        p = self.prompt.shape[-2]  # (p, d), or (b, p, d) per row in mixed batches (serving)
         past = a.get(self.cache_key)
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         mask = a.get("attention_mask")
@@ -51,7 +51,7 @@ class SoftPrompt(Adapter):
             if emb is None:
                 emb = slot.base.get_input_embeddings()(a.pop("input_ids"))
             a["input_ids"] = None
-            a["inputs_embeds"] = torch.cat([self.prompt.to(emb.dtype).unsqueeze(0).expand(b, -1, -1), emb], dim=1)
+            a["inputs_embeds"] = torch.cat([self.prompt.to(emb.dtype).expand(b, -1, -1), emb], dim=1)
             if a.get("token_type_ids") is not None:
                 tt = a["token_type_ids"]
                 a["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
