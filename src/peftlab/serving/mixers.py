@@ -143,7 +143,7 @@ def _prompt_build(slot, keys):
 
 
 def _prefix_build(slot, keys):
-    prefixes = {k: slot.adapters[k]._encoder[0].prefix(slot.adapters[k].key) for k in keys}
+    prefixes = {k: slot.adapters[k].shared.prefix(slot.adapters[k].key) for k in keys}
     return _by_length(keys, {k: {"K": pk, "V": pv} for k, (pk, pv) in prefixes.items()})
 
 
@@ -254,7 +254,7 @@ class _RowPrefix:
     """Stands in for a PrefixAttention whose prefixes are per row, (b, heads, l, head_dim)."""
 
     def __init__(self, template, pk, pv):
-        self._encoder = [_RowPrefixes(pk, pv)]
+        self.shared = _RowPrefixes(pk, pv)
         self.key, self.causal, self.signature, self.cache_key = (
             template.key, template.causal, template.signature, template.cache_key)
 
