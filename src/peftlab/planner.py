@@ -13,8 +13,10 @@
   one). Whatever a method does to
   its saved tensors is seen as it is (MEFT's reversible stack saves almost nothing, a quantized base saves
   what bitsandbytes saves, LoRA-FA does not save x ...), so no per-method table has to be kept;
-- **transient**: the largest single saved tensor once more (the gradient that flows back through it, e.g. the
-  logits' gradient of a causal LM), the working space of the backward pass.
+- **transient**: the working space of the backward pass: the largest single saved tensor once more (the
+  gradient that flows back through it, e.g. the logits' gradient of a causal LM), or, for methods that
+  recompute activations in the backward pass (MEFT), what the recomputation saves at once, once more for the
+  gradients that flow through it, whichever is larger.
 
 ``peak = weights + optimizer + max(activations + transient, gradients + step workspace)``: the backward
 pass starts with every saved activation alive and no gradient yet, and ends with every gradient and no
@@ -175,6 +177,9 @@ class _Ledger:
 
     def __init__(self, exclude: set[int]):
         self.exclude, self.live, self.now, self.peak, self.largest = exclude, {}, 0, 0, 0
+        self.backward = False  # set once the forward is done: what is saved from then on is recomputation
+        self.recomputed = 0  # bytes saved during the backward pass (recomputed activations), at most at once
+        self._recomputing = 0
 
     def pack(self, t):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -187,6 +192,10 @@ class _Ledger:
         if entry[0] == 0:
             self.now += entry[1]
             self.peak = max(self.peak, self.now)
+            if self.backward:
+                self._recomputing += entry[1]
+                self.recomputed = max(self.recomputed, self._recomputing)
+                entry.append(True)
         entry[0] += 1
         self.largest = max(self.largest, entry[1])
         return _Saved(t, ptr, self)
@@ -201,12 +210,15 @@ class _Ledger:
             entry[0] -= 1
             if entry[0] == 0:
                 self.now -= entry[1]
+                if len(entry) > 2:
+                    self._recomputing -= entry[1]
                 del self.live[ptr]
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict) -> tuple[int, int]:
+def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False):
     """(the most bytes autograd held at once in saved tensors over one forward *and backward*, the largest
-    single saved storage), parameters and buffers excluded. Tensors saved while the backward pass recomputes
+    single saved storage[, the most bytes saved at once by recomputation in the backward pass]), parameters
+    and buffers excluded. Tensors saved while the backward pass recomputes
     (MEFT's reversible blocks, GOFT's recomputed rotations) count while they live. Gradients the probe leaves
     on parameters are put back as they were."""
     ledger = _Ledger({t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())})
@@ -217,13 +229,14 @@ def saved_activation_bytes(model: nn.Module, inputs: dict) -> tuple[int, int]:
             out = model(**inputs)
             loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
             del out
+            ledger.backward = True
             if loss.requires_grad:
                 loss.backward()
             del loss
     finally:
         for p, g in zip(params, grads):
             p.grad = g
-    return ledger.peak, ledger.largest
+    return (ledger.peak, ledger.largest, ledger.recomputed) if recomputed else (ledger.peak, ledger.largest)
 
 
 def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128, optimizer: str = "adamw",
@@ -245,8 +258,8 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
     was_training = model.training
     model.train()
     try:
-        one, largest = saved_activation_bytes(model, probe_inputs(model, 1, seq_len))
-        two, largest2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len))
+        one, largest, re1 = saved_activation_bytes(model, probe_inputs(model, 1, seq_len), recomputed=True)
+        two, largest2, re2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len), recomputed=True)
     finally:
         model.train(was_training)
     per_sample = max(two - one, 0)
@@ -254,4 +267,4 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
                       weights=_weights_by_kind(model), trainable_params=n_train, trainable_bytes=train_bytes,
                       gradients=train_bytes, optimizer_state=OPTIMIZER_MOMENTS[optimizer] * n_train * 4,
                       activations_per_sample=per_sample, activations_fixed=max(one - per_sample, 0),
-                      transient_per_sample=max(largest2 - largest, 0))
+                      transient_per_sample=max(largest2 - largest, re2 - re1, 0))
