@@ -60,4 +60,6 @@ CASES: dict[str, Case] = {
                   zero_start_tol=None, min_cosine=0.9, families=("bert", "roberta", "llama"), real=False),
     "parallel_adapter": Case(lambda: peftlab.get_config("parallel_adapter", bottleneck=8), merge=False,
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
+    "loha": Case(lambda: peftlab.get_config("loha", r=2, alpha=4)),
+    "lokr": Case(lambda: peftlab.get_config("lokr", r=2, alpha=4, targets=["q", "v", "ffn_in"])),
 }

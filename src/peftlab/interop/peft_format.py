@@ -9,6 +9,7 @@ Only safetensors files are read (never pickle).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -60,7 +61,8 @@ def to_peft_config_dict(model: nn.Module, name: str = "default") -> dict:
         raise PeftlabError(f"method {cfg.method!r} has no equivalent in peft's format")
     ads = _adapters(model, name)
     heads = state(model).heads.get(name, [])
-    return {
+    fields = cfg.to_peft_fields(ads)  # a field set to None there is left out (e.g. LoHa has no fan_in_fan_out)
+    d = {
         "peft_type": cfg.peft_type,
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -68,8 +70,9 @@ def to_peft_config_dict(model: nn.Module, name: str = "default") -> dict:
         "modules_to_save": list(heads) or None,
         "fan_in_fan_out": any(s.fan_in_fan_out for p, s in slots(model) if p in ads),
         "inference_mode": True,
-        **cfg.to_peft_fields(ads),
+        **fields,
     }
+    return {k: v for k, v in d.items() if not (k in fields and v is None)}
 
 
 def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -90,7 +93,8 @@ def to_peft_config(model: nn.Module, name: str = "default"):
     d = dict(to_peft_config_dict(model, name))
     cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[d.pop("peft_type")]
     d.pop("inference_mode")
-    return cls(**d)
+    known = {f.name for f in dataclasses.fields(cls)}  # e.g. LoHa/LoKr configs have no fan_in_fan_out
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:

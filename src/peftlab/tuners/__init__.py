@@ -6,6 +6,8 @@ from . import (  # noqa: F401
     dora,
     goft,
     ia3,
+    loha,
+    lokr,
     lora,
     meft,
     movement,
