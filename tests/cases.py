@@ -62,4 +62,6 @@ CASES: dict[str, Case] = {
                              families=("bert", "roberta", "deberta-v2", "gpt2", "llama", "t5", "vit")),
     "loha": Case(lambda: peftlab.get_config("loha", r=2, alpha=4)),
     "lokr": Case(lambda: peftlab.get_config("lokr", r=2, alpha=4, targets=["q", "v", "ffn_in"])),
+    "lora_fa": Case(lambda: peftlab.get_config("lora_fa", r=4, alpha=8)),
+    "lora_plus": Case(lambda: peftlab.get_config("lora_plus", r=4, lr_ratio=8.0), real=False),
 }

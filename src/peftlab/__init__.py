@@ -36,6 +36,7 @@ from .errors import (  # noqa: E402
     UnsupportedArchitectureError,
 )
 from .interop.peft_format import export_peft, import_peft  # noqa: E402
+from .optim import param_groups  # noqa: E402
 from .registry import config_class, get_config, methods  # noqa: E402
 from .report import report  # noqa: E402
 from .state import load, save  # noqa: E402
@@ -49,7 +50,7 @@ __all__ = [
     "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig", "NotMergeableError",
     "PeftlabError", "TargetNotFoundError", "UnknownMethodError", "UnsupportedArchitectureError",
     "adapter_names", "attach", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
-    "load", "merge", "methods", "report", "save", "set_active", "trainable_parameters", "training_loss",
+    "load", "merge", "methods", "param_groups", "report", "save", "set_active", "trainable_parameters", "training_loss",
     "unload", "unmerge",
 ]
 

@@ -9,6 +9,8 @@ from . import (  # noqa: F401
     loha,
     lokr,
     lora,
+    lora_fa,
+    lora_plus,
     meft,
     movement,
     parallel_adapter,
