@@ -64,4 +64,6 @@ CASES: dict[str, Case] = {
     "lokr": Case(lambda: peftlab.get_config("lokr", r=2, alpha=4, targets=["q", "v", "ffn_in"])),
     "lora_fa": Case(lambda: peftlab.get_config("lora_fa", r=4, alpha=8)),
     "lora_plus": Case(lambda: peftlab.get_config("lora_plus", r=4, lr_ratio=8.0), real=False),
+    "pissa": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8, init="pissa", targets=["q", "v", "ffn_out"])),
+    "olora": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8, init="olora"), real=False),
 }
