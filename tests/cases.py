@@ -66,4 +66,7 @@ CASES: dict[str, Case] = {
     "lora_plus": Case(lambda: peftlab.get_config("lora_plus", r=4, lr_ratio=8.0), real=False),
     "pissa": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8, init="pissa", targets=["q", "v", "ffn_out"])),
     "olora": Case(lambda: peftlab.LoRAConfig(r=4, alpha=8, init="olora"), real=False),
+    "vera": Case(lambda: peftlab.get_config("vera", r=4, targets=["q", "v", "ffn_out"])),
+    "vera_seeded": Case(lambda: peftlab.get_config("vera", r=8, save_projection=False, projection_prng_key=5),
+                        real=False),
 }

@@ -83,7 +83,18 @@ def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for h in state(model).heads.get(name, []):
         for k, v in resolve_module(model, h).state_dict().items():
             out[f"{PREFIX}{h}.{k}"] = v.detach()
+    for sh in _shared(model, name):  # tensors shared by all layers (VeRA's A, B): peft keys "base_model.<name>"
+        out.update({f"{SHARED_PREFIX}{k}": v.detach() for k, v in sh.to_peft_tensors().items()})
     return out
+
+
+SHARED_PREFIX = "base_model."
+
+
+def _shared(model: nn.Module, name: str) -> list[nn.Module]:
+    """This adapter's shared modules that take part in peft's format (define ``to_peft_tensors``)."""
+    sh = model._modules.get("peftlab_shared") or {}
+    return [m for k, m in sh.items() if k.rsplit("__", 1)[0] == name and hasattr(m, "to_peft_tensors")]
 
 
 def to_peft_config(model: nn.Module, name: str = "default"):
@@ -190,6 +201,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
                     if own[k].shape != v.shape:
                         raise IncompatibleAdapterError(f"{p}.{k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}")
                     own[k].copy_(v)
+            top = {k[len(SHARED_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(SHARED_PREFIX) and not k.startswith(PREFIX)}
+            for sh in _shared(model, name):
+                own = sh.state_dict(keep_vars=True) | dict(sh.named_buffers())
+                for k, v in sh.from_peft_tensors(top).items():
+                    if own[k].shape != v.shape:
+                        raise IncompatibleAdapterError(f"{path}: shared tensor {k} shape {tuple(v.shape)} != {tuple(own[k].shape)}")
+                    own[k].copy_(v)
+                    used.add(SHARED_PREFIX + k)
             msd = model.state_dict()
             for h in state(model).heads.get(name, []):
                 for k in resolve_module(model, h).state_dict():

@@ -18,4 +18,5 @@ from . import (  # noqa: F401
     prompt,
     pst,
     s4,
+    vera,
 )
