@@ -69,4 +69,5 @@ CASES: dict[str, Case] = {
     "vera": Case(lambda: peftlab.get_config("vera", r=4, targets=["q", "v", "ffn_out"])),
     "vera_seeded": Case(lambda: peftlab.get_config("vera", r=8, save_projection=False, projection_prng_key=5),
                         real=False),
+    "dylora": Case(lambda: peftlab.get_config("dylora", r=4, alpha=8, rank=3)),
 }

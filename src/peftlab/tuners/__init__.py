@@ -4,6 +4,7 @@ from . import (  # noqa: F401
     adapter,
     bitfit,
     dora,
+    dylora,
     goft,
     ia3,
     loha,

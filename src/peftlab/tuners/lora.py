@@ -22,11 +22,11 @@ from torch.nn import functional as F
 
 from ..config import MethodConfig
 from ..registry import register
-from ..slot import Adapter, linear_dims
+from ..slot import linear_dims
+from .delta import DeltaAdapter
 
 
-class LoRALayer(Adapter):
-    mergeable = True
+class LoRALayer(DeltaAdapter):  # merge/unmerge: W ± ΔW
 
     def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -51,14 +51,6 @@ class LoRALayer(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A in (out, in) layout."""
         return (self.lora_B @ self.lora_A) * self.scale
-
-    def merge(self, slot) -> None:
-        w = slot.weight_oi()
-        w.add_(self.delta_weight().to(w.dtype))
-
-    def unmerge(self, slot) -> None:
-        w = slot.weight_oi()
-        w.sub_(self.delta_weight().to(w.dtype))
 
     def to_peft_tensors(self):
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
