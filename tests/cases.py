@@ -70,4 +70,5 @@ CASES: dict[str, Case] = {
     "vera_seeded": Case(lambda: peftlab.get_config("vera", r=8, save_projection=False, projection_prng_key=5),
                         real=False),
     "dylora": Case(lambda: peftlab.get_config("dylora", r=4, alpha=8, rank=3)),
+    "adalora": Case(lambda: peftlab.get_config("adalora", r=4, target_r=2, alpha=8.0, orth_reg_weight=0.1)),
 }

@@ -12,6 +12,7 @@ from .config import MethodConfig  # noqa: E402
 from .core import (  # noqa: E402
     adapter_names,
     attach,
+    before_optimizer_step,
     checkpoint_eligible,
     delete,
     disabled,
@@ -49,7 +50,7 @@ __all__ = [
     "AdapterExistsError", "AdapterNotFoundError", "BitFitConfig", "CorruptAdapterError", "DoRAConfig",
     "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig", "NotMergeableError",
     "PeftlabError", "TargetNotFoundError", "UnknownMethodError", "UnsupportedArchitectureError",
-    "adapter_names", "attach", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
+    "adapter_names", "attach", "before_optimizer_step", "export_peft", "import_peft", "checkpoint_eligible", "on_train_step", "config_class", "delete", "disabled", "get_adapter_config", "get_config",
     "load", "merge", "methods", "param_groups", "report", "save", "set_active", "trainable_parameters", "training_loss",
     "unload", "unmerge",
 ]

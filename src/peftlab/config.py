@@ -84,6 +84,9 @@ class MethodConfig:
     def on_train_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
         """Called by training loops after every optimizer step (schedules such as PST sparsity)."""
 
+    def before_optimizer_step(self, model: nn.Module, name: str, step: int, total_steps: int) -> None:
+        """Called by training loops after backward, before the optimizer step (gradients present; AdaLoRA)."""
+
     def optimizer_options(self, model: nn.Module, name: str) -> dict:
         """Optimizer wishes for some of this adapter's parameters: ``{param: {"lr_scale": k, "weight_decay": w}}``
         (read by :func:`peftlab.param_groups`; LoRA+ scales B's learning rate)."""

@@ -290,12 +290,23 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Training loops call this after every optimizer step; methods with schedules react to it."""
-    if not has_adapters(model):
-        return
-    st = state(model)
-    for n in st.active:
-        for part in st.configs[n].parts():
-            part.on_train_step(model, n, step, total_steps)
+    for n, part in _active_parts(model):
+        part.on_train_step(model, n, step, total_steps)
+
+
+def _active_parts(model: nn.Module):
+    """(adapter name, simple config) of every active adapter, in order."""
+    if has_adapters(model):
+        st = state(model)
+        for n in st.active:
+            for part in st.configs[n].parts():
+                yield n, part
+
+
+def before_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Training loops call this after backward and before ``optimizer.step()`` (gradients are present)."""
+    for n, part in _active_parts(model):
+        part.before_optimizer_step(model, n, step, total_steps)
 
 
 def checkpoint_eligible(model: nn.Module, step: int, total_steps: int) -> bool:

@@ -1,6 +1,7 @@
 """Built-in methods. Importing a module registers its config; this list is the only place to add one."""
 
 from . import (  # noqa: F401
+    adalora,
     adapter,
     bitfit,
     dora,
