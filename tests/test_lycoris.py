@@ -62,3 +62,17 @@ def test_formula_matches_trainable_count(method):
 def test_invalid_fields_rejected(method, field, value):
     with pytest.raises((ValueError, TypeError), match=field):
         peftlab.get_config(method, **{field: value})
+
+
+def test_loha_gradients_match_autograd_of_the_formula():
+    m = peftlab.attach(tiny_model("bert"), peftlab.get_config("loha", r=2, alpha=3))
+    ad = _slot_adapters(m)[0][1]
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_()
+    g = torch.randn_like(ad.delta_weight())
+    (ad.delta_weight() * g).sum().backward()
+    ours = [p.grad.clone() for p in (ad.hada_w1_a, ad.hada_w1_b, ad.hada_w2_a, ad.hada_w2_b)]
+    ps = [p.detach().clone().requires_grad_() for p in (ad.hada_w1_a, ad.hada_w1_b, ad.hada_w2_a, ad.hada_w2_b)]
+    (((ps[0] @ ps[1]) * (ps[2] @ ps[3]) * 1.5) * g).sum().backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-4) for a, p in zip(ours, ps))

@@ -43,13 +43,32 @@ class LoHaLayer(DeltaAdapter):
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·(w1_a w1_b) ⊙ (w2_a w2_b), (out, in) layout."""
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scale
+        return _Hadamard.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
 
     def to_peft_tensors(self):
         return {k: getattr(self, k) for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
 
     def from_peft_tensors(self, t):
         return {k: t[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+class _Hadamard(torch.autograd.Function):
+    """ΔW = s·(B₁A₁) ⊙ (B₂A₂) saving only the four factors; backward recomputes the products:
+    g₁ = s·g ⊙ (B₂A₂) gives ∂B₁ = g₁A₁ᵀ, ∂A₁ = B₁ᵀg₁ (and symmetrically for B₂, A₂)."""
+
+    @staticmethod
+    def forward(ctx, b1, a1, b2, a2, scale):
+        ctx.save_for_backward(b1, a1, b2, a2)
+        ctx.scale = scale
+        return (b1 @ a1) * (b2 @ a2) * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        b1, a1, b2, a2 = ctx.saved_tensors
+        g1 = g * (b2 @ a2) * ctx.scale
+        g2 = g * (b1 @ a1) * ctx.scale
+        return g1 @ a1.t(), b1.t() @ g1, g2 @ a2.t(), b2.t() @ g2, None
 
 
 def peft_lycoris_fields(d: dict, peft_type: str) -> None:
