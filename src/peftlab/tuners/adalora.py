@@ -70,7 +70,7 @@ class AdaLoRALayer(DeltaAdapter):
             if p.grad is None:
                 continue
             ipt = (p * p.grad).abs()
-            avg, unc = self.ema.get(n, (torch.zeros_like(p), torch.zeros_like(p)))
+            avg, unc = (t.to(p.device) for t in self.ema.get(n, (torch.zeros_like(p), torch.zeros_like(p))))
             avg = beta1 * avg + (1 - beta1) * ipt
             self.ema[n] = (avg, beta2 * unc + (1 - beta2) * (ipt - avg).abs())
 
