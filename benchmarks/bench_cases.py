@@ -163,3 +163,34 @@ CASES.update({
 # LoRA's third side: the same backward through the frozen encoder with no LoRA arithmetic at all, stepped
 # alternately with ours and peft's, so each library's own LoRA cost is (its step - this floor)
 CASES["lora"]["floor"] = head_and_first_query_bias
+
+
+# ---- issue 18: the survey's reparameterised family (ours vs peft side by side where peft has the method)
+QV = ["query", "value"]
+
+
+def _ours(method, **kw):
+    return lambda m: peftlab.attach(m, peftlab.get_config(method, **{"targets": QV, **kw}))
+
+
+def _theirs(cls_name, **kw):
+    def build(m):
+        import peft
+
+        return _peft(m, getattr(peft, cls_name)(**{"target_modules": QV, "task_type": "SEQ_CLS", **kw}))
+
+    return build
+
+
+CASES.update({
+    "loha": {"ours": _ours("loha", r=8, alpha=8), "peft": _theirs("LoHaConfig", r=8, alpha=8), "ref": "lora"},
+    "lokr": {"ours": _ours("lokr", r=8, alpha=8), "peft": _theirs("LoKrConfig", r=8, alpha=8), "ref": "lora"},
+    "lora_fa": {"ours": _ours("lora_fa", r=8, alpha=8), "peft": None, "ref": "lora"},
+    "pissa": {"ours": _ours("lora", r=8, alpha=8, init="pissa"),
+              "peft": _theirs("LoraConfig", r=8, lora_alpha=8, init_lora_weights="pissa"), "ref": "lora"},
+    "vera": {"ours": _ours("vera", r=256), "peft": _theirs("VeraConfig", r=256), "ref": "lora"},
+    "dylora": {"ours": _ours("dylora", r=8, alpha=8), "peft": None, "ref": "lora"},
+    "adalora": {"ours": _ours("adalora", r=12, target_r=8, total_steps=1000),
+                "peft": _theirs("AdaLoraConfig", init_r=12, target_r=8, lora_alpha=8.0, total_step=1000),
+                "ref": "lora"},
+})

@@ -100,9 +100,9 @@ def test_import_errors_leave_model_untouched(tmp_path):
         peftlab.import_peft(other, tmp_path / "p")
     assert not hasattr(other, "peftlab_state")
     d = json.loads(good)
-    d["peft_type"] = "LOHA"
+    d["peft_type"] = "VBLORA"  # a peft method peftlab does not have
     cfg_path.write_text(json.dumps(d))
-    with pytest.raises(peftlab.UnknownMethodError, match="LOHA"):
+    with pytest.raises(peftlab.UnknownMethodError, match="VBLORA"):
         peftlab.import_peft(base, tmp_path / "p")
     check_untouched(base)
     cfg_path.write_text("{not json")

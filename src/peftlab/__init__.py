@@ -36,6 +36,7 @@ from .errors import (
 )
 from .hooks import before_optimizer_step, checkpoint_eligible, on_train_step, training_loss
 from .interop.peft_format import export_peft, import_peft
+from .optim import param_groups
 from .planner import plan
 from .quant import quantize
 from .registry import config_class, get_config, methods
@@ -54,7 +55,7 @@ __all__ = [
     "UnsupportedArchitectureError", "__version__", "adapter_names", "adapter_parts", "attach", "batch_adapters",
     "before_optimizer_step", "checkpoint_eligible", "compose", "config_class", "delete", "disabled",
     "export_peft", "get_adapter_config", "get_config", "import_peft", "load", "merge", "methods",
-    "on_train_step", "plan", "quantize", "report", "save", "set_active", "trainable_parameters", "training_loss", "unload", "unmerge",
+    "on_train_step", "param_groups", "plan", "quantize", "report", "save", "set_active", "trainable_parameters", "training_loss", "unload", "unmerge",
 ]
 
 

@@ -127,6 +127,11 @@ class MethodConfig:
     def on_train_step(self, model: nn.Module, key: str, step: int, total_steps: int) -> None:
         """Called by training loops after every optimizer step (schedules such as PST sparsity)."""
 
+    def optimizer_options(self, model: nn.Module, key: str) -> dict:
+        """Optimizer wishes for some of this adapter's parameters: ``{param: {"lr_scale": k, "weight_decay": w}}``
+        (read by :func:`peftlab.param_groups`; LoRA+ scales B's learning rate)."""
+        return {}
+
     def checkpoint_eligible(self, model: nn.Module, key: str, step: int, total_steps: int) -> bool:
         """Whether a checkpoint at ``step`` may be selected as the best one (PST: final sparsity only)."""
         return True

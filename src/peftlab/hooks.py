@@ -20,7 +20,7 @@ from .core import has_adapters, state
 from .slot import adapter_key
 
 
-def _active_parts(model: nn.Module):
+def active_parts(model: nn.Module):
     """(adapter key, simple config) of every part of every active adapter, in activation order."""
     if not has_adapters(model):
         return
@@ -33,7 +33,7 @@ def _active_parts(model: nn.Module):
 def training_loss(model: nn.Module):
     """Sum of the extra loss terms (regularizers) of the active adapters, or None."""
     total = None
-    for key, part in _active_parts(model):
+    for key, part in active_parts(model):
         term = part.training_loss(model, key)
         if term is not None:
             total = term if total is None else total + term
@@ -42,16 +42,16 @@ def training_loss(model: nn.Module):
 
 def before_optimizer_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Call after backward (and clipping), before ``optimizer.step()``; ``step`` = steps already taken."""
-    for key, part in _active_parts(model):
+    for key, part in active_parts(model):
         part.before_optimizer_step(model, key, step, total_steps)
 
 
 def on_train_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Call after every optimizer step (``step`` = steps taken so far); methods with schedules react."""
-    for key, part in _active_parts(model):
+    for key, part in active_parts(model):
         part.on_train_step(model, key, step, total_steps)
 
 
 def checkpoint_eligible(model: nn.Module, step: int, total_steps: int) -> bool:
     """False while some active method forbids best-checkpoint selection (e.g. before final sparsity)."""
-    return all(part.checkpoint_eligible(model, key, step, total_steps) for key, part in _active_parts(model))
+    return all(part.checkpoint_eligible(model, key, step, total_steps) for key, part in active_parts(model))

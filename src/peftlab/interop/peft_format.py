@@ -9,6 +9,7 @@ Only safetensors files are read (never pickle).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core import adapter_names, adapter_parts, attach, get_adapter_config, slots, state, transaction
+from ..core import (
+    adapter_names,
+    adapter_parts,
+    attach,
+    get_adapter_config,
+    shared_modules,
+    slots,
+    state,
+    transaction,
+)
 from ..errors import (
     AdapterExistsError,
     CorruptAdapterError,
@@ -28,7 +38,7 @@ from ..errors import (
 )
 from ..registry import config_class, methods
 from ..slot import resolve as resolve_module
-from ..slot import walk
+from ..slot import split_key, walk
 from ..targets import iter_candidates
 
 PREFIX = "base_model.model."
@@ -60,7 +70,8 @@ def to_peft_config_dict(model: nn.Module, name: str = "default") -> dict:
         raise PeftlabError(f"method {cfg.method!r} has no equivalent in peft's format")
     ads = _adapters(model, name)
     heads = state(model).heads.get(name, [])
-    return {
+    fields = cfg.to_peft_fields(ads)  # a field set to None there is left out (e.g. LoHa has no fan_in_fan_out)
+    d = {
         "peft_type": cfg.peft_type,
         "task_type": _task_type(model),
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -68,8 +79,9 @@ def to_peft_config_dict(model: nn.Module, name: str = "default") -> dict:
         "modules_to_save": list(heads) or None,
         "fan_in_fan_out": any(s.fan_in_fan_out for p, s in slots(model) if p in ads),
         "inference_mode": True,
-        **cfg.to_peft_fields(ads),
+        **fields,
     }
+    return {k: v for k, v in d.items() if not (k in fields and v is None)}
 
 
 def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -80,7 +92,18 @@ def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for h in state(model).heads.get(name, []):
         for k, v in resolve_module(model, h).state_dict().items():
             out[f"{PREFIX}{h}.{k}"] = v.detach()
+    for sh in _shared(model, name):  # tensors shared by all layers (VeRA's A, B): peft keys "base_model.<name>"
+        out.update({f"{SHARED_PREFIX}{k}": v.detach() for k, v in sh.to_peft_tensors().items()})
     return out
+
+
+SHARED_PREFIX = "base_model."
+
+
+def _shared(model: nn.Module, name: str) -> list[nn.Module]:
+    """This adapter's shared modules that take part in peft's format (define ``to_peft_tensors``)."""
+    sh = shared_modules(model)
+    return [m for k, m in sh.items() if split_key(k)[0] == name and hasattr(m, "to_peft_tensors")]
 
 
 def to_peft_config(model: nn.Module, name: str = "default"):
@@ -90,7 +113,8 @@ def to_peft_config(model: nn.Module, name: str = "default"):
     d = dict(to_peft_config_dict(model, name))
     cls = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING[d.pop("peft_type")]
     d.pop("inference_mode")
-    return cls(**d)
+    known = {f.name for f in dataclasses.fields(cls)}  # e.g. LoHa/LoKr configs have no fan_in_fan_out
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
@@ -185,6 +209,15 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
                     if own[k].shape != v.shape:
                         raise IncompatibleAdapterError(f"{p}.{k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}")
                     own[k].copy_(v)
+            top = {k[len(SHARED_PREFIX):]: v for k, v in tensors.items()
+                   if k.startswith(SHARED_PREFIX) and not k.startswith(PREFIX)}
+            for sh in _shared(model, name):
+                own = sh.state_dict(keep_vars=True) | dict(sh.named_buffers())
+                for k, v in sh.from_peft_tensors(top).items():
+                    if own[k].shape != v.shape:
+                        raise IncompatibleAdapterError(f"{path}: shared tensor {k} shape {tuple(v.shape)} != {tuple(own[k].shape)}")
+                    own[k].copy_(v)
+                    used.add(SHARED_PREFIX + k)
             msd = model.state_dict()
             for h in state(model).heads.get(name, []):
                 for k in resolve_module(model, h).state_dict():

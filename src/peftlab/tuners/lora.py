@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..config import FRACTION, POSITIVE, SIZE, MethodConfig, check_size
+from ..errors import ConfigError
 from ..registry import register
-from ..slot import Adapter, linear_dims
+from ..slot import linear_dims
+from .delta import DeltaAdapter
 
 
-class LoRALayer(Adapter):
-    mergeable = True
+class LoRALayer(DeltaAdapter):  # merge/unmerge: W ± ΔW
 
     def __init__(self, d_in: int, d_out: int, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -50,14 +52,6 @@ class LoRALayer(Adapter):
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A in (out, in) layout."""
         return (self.lora_B @ self.lora_A) * self.scale
-
-    def merge(self, slot) -> None:
-        w = slot.weight_oi()
-        w.add_(self.delta_weight().to(w.dtype))
-
-    def unmerge(self, slot) -> None:
-        w = slot.weight_oi()
-        w.sub_(self.delta_weight().to(w.dtype))
 
     def to_peft_tensors(self):
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
@@ -124,6 +118,15 @@ class LoRAConfig(MethodConfig):
     alpha: float | None = None
     dropout: float = 0.0
     use_rslora: bool = False
+    # "default": A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r²); "pissa"/"olora": from W (lora_init.py)
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("default", "gaussian", "pissa", "olora"):
+            raise ConfigError(f"{type(self).__name__}.init must be default, gaussian, pissa or olora, got {self.init!r}")
+        if self.init != "default" and type(self).make_adapter is not LoRAConfig.make_adapter:
+            raise ConfigError(f"{type(self).__name__}.init={self.init!r}: only LoRA (and LoRA+) take an init option")
 
     @property
     def scale(self) -> float:
@@ -133,14 +136,24 @@ class LoRAConfig(MethodConfig):
     def make_adapter(self, target, ctx):
         d_in, d_out = linear_dims(target.module)
         check_size(self, "r", self.r, min(d_in, d_out), f"the smaller dimension of {target.name}")
-        return LoRALayer(d_in, d_out, self.r, self.scale, self.dropout)
+        if self.init in ("pissa", "olora"):
+            from .lora_init import ResidualInitLoRALayer
+
+            return ResidualInitLoRALayer.from_weight(target.module, self.r, self.scale, self.dropout, self.init)
+        layer = LoRALayer(d_in, d_out, self.r, self.scale, self.dropout)
+        if self.init == "gaussian":
+            nn.init.normal_(layer.lora_A, std=1 / self.r)
+        return layer
 
     def formula_count(self, ctx) -> int:
         return sum(self.r * sum(linear_dims(t.module)) for t in ctx.targets)
 
     def to_peft_fields(self, adapters):
-        return {"r": self.r, "lora_alpha": self.r if self.alpha is None else self.alpha, "lora_dropout": self.dropout,
-                "use_rslora": self.use_rslora, "use_dora": self.method == "dora"}
+        r, alpha = self.r, self.r if self.alpha is None else self.alpha
+        if self.init in ("pissa", "olora"):  # written as the converted plain delta s(BA − B₀A₀): rank 2r, same scale
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if self.use_rslora else 2)
+        return {"r": r, "lora_alpha": alpha, "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+                "use_dora": self.method == "dora"}
 
     @classmethod
     def from_peft_fields(cls, d, resolve):
@@ -149,5 +162,8 @@ class LoRAConfig(MethodConfig):
         for key, ok in (("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {})):
             if d.get(key) not in (ok, None):
                 raise ValueError(f"peft LoRA option {key}={d.get(key)!r} is not supported by peftlab")
+        init = {True: "default", False: "default", None: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+        if d.get("init_lora_weights", True) not in init:
+            raise ValueError(f"peft LoRA option init_lora_weights={d.get('init_lora_weights')!r} is not supported by peftlab")
         return {"r": d["r"], "alpha": d.get("lora_alpha", d["r"]), "dropout": d.get("lora_dropout", 0.0),
-                "use_rslora": bool(d.get("use_rslora", False))}
+                "use_rslora": bool(d.get("use_rslora", False)), "init": init[d.get("init_lora_weights", True)]}
