@@ -85,3 +85,26 @@ def test_bad_plan_arguments_are_one_line_errors(tiny, tmp_path, capsys, argv, na
 
 def test_peftlab_exports_plan_and_quantize():
     assert callable(peftlab.plan) and peftlab.quantize is quant.quantize
+
+
+def test_peftlab_train_builds_lora_plus_groups(tiny, tmp_path, capsys, monkeypatch):
+    """`peftlab train` takes its optimizer groups from peftlab.param_groups: LoRA+ B matrices at λ·lr."""
+    import torch
+
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(groups, **kw):
+        seen.append([(g["lr"], g["weight_decay"], len(g["params"])) for g in groups])
+        return real(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    c = conf(tiny, tmp_path)
+    c.update(method="lora_plus", method_args={"r": 2, "targets": ["query", "value"], "lr_ratio": 8.0})
+    c["train"]["weight_decay"] = 0.01
+    rc, _, err = cli(capsys, "train", write_yaml(tmp_path, c))
+    assert rc == 0, err
+    lrs = {lr for lr, _, _ in seen[0]}
+    assert lrs == {1e-3, 8e-3}
+    n_layers = 4 * 2  # 4 blocks x (query, value)
+    assert sum(n for lr, _, n in seen[0] if lr == 8e-3) >= n_layers  # every lora_B (and 1-D head params)

@@ -191,9 +191,8 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
     model, tok = build_model(cfg, data, trust_remote_code)
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    decay = [p for n, p in params.items() if not (n.endswith("bias") or "LayerNorm" in n or "layernorm" in n)]
-    no_decay = [p for n, p in params.items() if n.endswith("bias") or "LayerNorm" in n or "layernorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    # one group per (lr, weight decay): no decay on biases and norms; methods' wishes (LoRA+: B at λ·lr)
+    opt = torch.optim.AdamW(peftlab.param_groups(model, lr=t.lr, weight_decay=t.weight_decay),
                             lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
     if data.kind == "choice":
         train_items = encode_choice_train(tok, data.train, t.max_length)
