@@ -24,11 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from ..config import _coerce
-from ..errors import PeftlabError
-
-
-class ConfigError(PeftlabError, ValueError):
-    pass
+from ..errors import ConfigError
 
 
 @dataclass
