@@ -30,7 +30,11 @@ METHODS = {
     "meft": ("meft", {"variant": 1, "r": 8}),
     "s4": ("s4", {"budget": 0.01}),
     "qlora-nf4": ("lora", {"r": 8, "targets": ["q", "v"]}),
+    # causal LMs, multiple-choice QA: 2 answer tokens scored; LM head on every position vs on the answers only
+    "lora-mcqa-fullhead": ("lora", {"r": 8, "targets": ["q", "v"]}),
+    "lora-mcqa": ("lora", {"r": 8, "targets": ["q", "v"]}),
 }
+ANSWER_TOKENS = 2
 
 
 def _rss(field: str) -> int:
@@ -56,17 +60,22 @@ def one(model_name: str, method: str, seq: int, batch: int) -> dict:
     if METHODS[method] is not None:
         name, params = METHODS[method]
         peftlab.attach(model, peftlab.get_config(name, **params))
+    mcqa = method.startswith("lora-mcqa")
+    if mcqa and not hasattr(model, "get_output_embeddings"):
+        raise SystemExit(f"{method} needs a causal LM")
+    scored = ANSWER_TOKENS if method == "lora-mcqa" else None
     t0 = time.perf_counter()
-    p = plan(model, batch_size=batch, seq_len=seq)
+    p = plan(model, batch_size=batch, seq_len=seq, scored_tokens=scored)
     plan_s = time.perf_counter() - t0
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
-    inputs = probe_inputs(model, batch, seq)
+    inputs = probe_inputs(model, batch, seq, ANSWER_TOKENS if mcqa else None)
     model.train()
 
     def step():
-        out = model(**inputs)
-        loss = out.loss
+        from peftlab.lm_head import answer_loss
+
+        loss = answer_loss(model, inputs) if scored else model(**inputs).loss
         extra = peftlab.training_loss(model) if peftlab.core.has_adapters(model) else None
         (loss + extra if extra is not None else loss).backward()
         opt.step()
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for m in a.models:
         for meth in a.methods:
-            if meth == "meft" and m not in ("minilm", "smollm2-135m"):
+            if (meth == "meft" and m not in ("minilm", "smollm2-135m")) or (meth.startswith("lora-mcqa") and m == "minilm"):
                 continue
             for s in a.seq:
                 r = subprocess.run([sys.executable, __file__, "--batch", str(a.batch), "--one", m, meth, str(s)],

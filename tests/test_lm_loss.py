@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import peftlab
+from peftlab.lm_head import answer_loss, answer_scores
 from peftlab.planner import saved_activation_bytes
 from peftlab.testing import tiny_model
 from peftlab.train.data import choice_scores
-from peftlab.train.lm_loss import answer_loss, answer_scores
 
 
 def _batch(seq=24, answer=3, batch=3, seed=0):

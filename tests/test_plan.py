@@ -89,3 +89,11 @@ def test_bad_plan_arguments_are_peftlab_errors():
     for kw in ({"batch_size": 0}, {"seq_len": -3}, {"optimizer": "lion"}, {"seq_len": 10_000}):
         with pytest.raises(peftlab.PeftlabError):
             plan(model, peftlab.LoRAConfig(r=2), **{"batch_size": 2, "seq_len": 8, **kw})
+
+
+def test_scoring_a_few_answer_tokens_plans_far_less_than_the_full_lm_loss():
+    model = peftlab.attach(tiny_model("llama"), peftlab.LoRAConfig(r=2))
+    full = plan(model, None, 4, 48)
+    answers = plan(model, None, 4, 48, scored_tokens=2)
+    assert answers.activations_per_sample < full.activations_per_sample
+    assert answers.weight_bytes == full.weight_bytes

@@ -141,14 +141,17 @@ def _weights_by_kind(model: nn.Module) -> dict[str, int]:
     return kinds
 
 
-def probe_inputs(model: nn.Module, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """Random token inputs (and labels, so the loss is part of the graph) of the given shape."""
+def probe_inputs(model: nn.Module, batch_size: int, seq_len: int, scored_tokens: int | None = None) -> dict:
+    """Random token inputs (and labels, so the loss is part of the graph) of the given shape. Causal LMs:
+    ``scored_tokens`` = k labels only the last k tokens of each row (multiple-choice answers)."""
     cfg = model.config
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (batch_size, seq_len), generator=g)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if any(type(model).__name__.endswith(s) for s in ("ForCausalLM", "LMHeadModel")):
         out["labels"] = ids.clone()
+        if scored_tokens is not None:
+            out["labels"][:, : max(seq_len - scored_tokens, 0)] = -100
     elif type(model).__name__.endswith("ForSequenceClassification"):
         n = getattr(cfg, "num_labels", 2)
         out["labels"] = torch.zeros(batch_size, dtype=torch.float if n == 1 else torch.long)
@@ -215,7 +218,7 @@ class _Ledger:
                 del self.live[ptr]
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False):
+def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False, loss_fn=None):
     """(the most bytes autograd held at once in saved tensors over one forward *and backward*, the largest
     single saved storage[, the most bytes saved at once by recomputation in the backward pass]), parameters
     and buffers excluded. Tensors saved while the backward pass recomputes
@@ -226,9 +229,12 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = Fa
     grads = [p.grad for p in params]
     try:
         with torch.autograd.graph.saved_tensors_hooks(ledger.pack, ledger.unpack):
-            out = model(**inputs)
-            loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
-            del out
+            if loss_fn is not None:
+                loss = loss_fn(model, inputs)
+            else:
+                out = model(**inputs)
+                loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
+                del out
             ledger.backward = True
             if loss.requires_grad:
                 loss.backward()
@@ -240,8 +246,11 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = Fa
 
 
 def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128, optimizer: str = "adamw",
+         scored_tokens: int | None = None,
          trainable_dtype: torch.dtype | None = None) -> MemoryPlan:
-    """Predict the peak training memory of ``model`` (with ``config`` attached to a copy, if given)."""
+    """Predict the peak training memory of ``model`` (with ``config`` attached to a copy, if given).
+    ``scored_tokens``: causal LMs trained on the last k tokens only (multiple-choice QA), with the LM head run
+    on those only (:mod:`peftlab.lm_head`), as ``peftlab train`` does."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PeftlabError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -258,8 +267,14 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
     was_training = model.training
     model.train()
     try:
-        one, largest, re1 = saved_activation_bytes(model, probe_inputs(model, 1, seq_len), recomputed=True)
-        two, largest2, re2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len), recomputed=True)
+        # multiple-choice training scores the answer tokens only, and runs the LM head on those only
+        loss_fn = None
+        if scored_tokens is not None:
+            from .lm_head import answer_loss as loss_fn
+        one, largest, re1 = saved_activation_bytes(model, probe_inputs(model, 1, seq_len, scored_tokens),
+                                                   recomputed=True, loss_fn=loss_fn)
+        two, largest2, re2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len, scored_tokens),
+                                                    recomputed=True, loss_fn=loss_fn)
     finally:
         model.train(was_training)
     per_sample = max(two - one, 0)

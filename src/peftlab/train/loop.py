@@ -21,6 +21,7 @@ import peftlab
 
 from .. import quant
 from ..errors import PeftlabError
+from ..lm_head import answer_loss, answer_scores
 from . import checkpoint, fs
 from . import resume as resume_check
 from .config import ConfigError, RunConfig, load_config
@@ -33,7 +34,6 @@ from .data import (
     load_task,
 )
 from .guard import DivergenceGuard, TrainingDivergedError, unhealthy
-from .lm_loss import answer_loss, answer_scores
 from .metrics import compute
 
 log = logging.getLogger("peftlab.train")
@@ -262,7 +262,7 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
         loss_val = 0.0
         for m in range(t.grad_accum):
             batch = micro_batch(step * t.grad_accum + m)
-            # multiple choice: the LM head runs on the answer tokens only (train/lm_loss.py)
+            # multiple choice: the LM head runs on the answer tokens only (peftlab/lm_head.py)
             loss = answer_loss(model, batch, raw) if data.kind == "choice" else model(**batch).loss
             extra = peftlab.training_loss(raw)
             if extra is not None:
