@@ -54,7 +54,7 @@ def one(model_name: str, method: str, seq: int, batch: int) -> dict:
     torch.manual_seed(0)
     from peftlab.train.backbones import load_model
 
-    model = load_model(model_name).float()
+    model = load_model(model_name)
     if method.startswith("qlora"):
         quant.quantize(model, "nf4")
     if METHODS[method] is not None:

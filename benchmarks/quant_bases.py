@@ -48,7 +48,7 @@ def run(model_name: str, steps: int, batch: int, seq: int) -> list[dict]:
     models, rows = {}, []
     for base in ("fp32", "nf4", "int8"):
         torch.manual_seed(0)
-        m = load_model(model_name).float()
+        m = load_model(model_name)
         names = None
         if base != "fp32":
             quant.quantize(m, base)
