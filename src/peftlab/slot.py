@@ -123,10 +123,7 @@ class Slot(nn.Module):
     def weight_oi(self) -> torch.Tensor:
         """The base weight in (out, in) layout; a view, so in-place edits reach the base. A quantized base
         gives its dequantized weight instead (a frozen copy: merges go through :meth:`merge`)."""
-        if quant.is_quantized(self.base):
-            return quant.dequantized_weight(self.base)
-        w = self.base.weight
-        return w.t() if self.fan_in_fan_out else w
+        return linear_weight_oi(self.base)
 
     @property
     def in_features(self) -> int:

@@ -14,8 +14,8 @@ forward+backward was faster on this CPU than torchao's ``NF4Tensor``.
 
 Merging into a quantized base is dequantize → merge → requantize (peft refuses it: issues #2501, #1008);
 :func:`peftlab.merge` records the round-off this adds per module (``merge_error``) and ``unmerge`` restores
-the exact original quantized weight, which the slot keeps aside while merged. ``peftlab.unload(model,
-merge=True, dequantize=True)``-style exactness is available through :func:`dequantize` before merging.
+the exact original quantized weight, which the slot keeps aside while merged. For an exact float model,
+call :func:`dequantize` and then ``peftlab.unload(model, merge=True)``.
 """
 
 from __future__ import annotations
