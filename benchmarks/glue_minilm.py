@@ -52,6 +52,23 @@ for _n, _s in (("adapter", "A"), ("prefix", "P"), ("bitfit", "B"), ("lora", "L")
 # bottom 2 of 6 blocks reversibly: fully reversible MEFT3 (÷0.01 per block) loses the gradient (docs/meft.md).
 for _v in (1, 2, 3):
     METHODS[f"meft{_v}"] = ("meft", {"variant": _v, **({"reversible_layers": 2} if _v == 3 else {})}, 8e-4)
+# The survey's reparameterised family (issue 18): LoRA's targets, rank and learning rate unless the method's paper
+# says otherwise. VeRA trains only scaling vectors (r = 256 shared projections) and its paper uses a much higher
+# learning rate; AdaLoRA starts at rank 12 per layer and prunes to an average of 8 (LoRA's rank), with its
+# schedule in steps: warm-up ~10% of training, final ~20% at the target budget, allocation every 10 steps.
+_QV = {"targets": ["query", "value"]}
+METHODS.update({
+    "loha": ("loha", {"r": 8, "alpha": 8, **_QV}, 5e-4),
+    "lokr": ("lokr", {"r": 8, "alpha": 8, **_QV}, 5e-4),
+    "lora-fa": ("lora_fa", {"r": 8, "alpha": 8, **_QV}, 5e-4),
+    "lora-plus": ("lora_plus", {"r": 8, "alpha": 8, "lr_ratio": 16.0, **_QV}, 5e-4),
+    "pissa": ("lora", {"r": 8, "alpha": 8, "init": "pissa", **_QV}, 5e-4),
+    "olora": ("lora", {"r": 8, "alpha": 8, "init": "olora", **_QV}, 5e-4),
+    "vera": ("vera", {"r": 256, **_QV}, 4e-3),
+    "dylora": ("dylora", {"r": 8, "alpha": 8, **_QV}, 5e-4),
+    "adalora": ("adalora", {"r": 12, "target_r": 8, "alpha": 8, "delta_t": 10, **_QV,
+                            "tinit": {"sst2": 25, "mrpc": 35}, "tfinal": {"sst2": 50, "mrpc": 70}}, 5e-4),
+})
 # PST vs magnitude and movement pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs),
 # METHODS.md §4; the full-size-update baselines use the full fine-tuning learning rate
 for _s in (50, 70, 90):
