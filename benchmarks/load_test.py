@@ -59,15 +59,16 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def level(client, names, weights, concurrency: int, n_requests: int, seconds: float, rng) -> dict:
+    """``concurrency`` workers send requests back to back until ``n_requests`` are sent or ``seconds`` pass
+    (a worker pool, so a soak bounded only by time holds ``concurrency`` requests in flight, never more)."""
     lat, errors, done = [], [], 0
     t_end = time.perf_counter() + seconds
-    sem = asyncio.Semaphore(concurrency)
+    sent = 0
 
-    async def one():
-        nonlocal done
-        async with sem:
-            if time.perf_counter() > t_end:
-                return
+    async def worker():
+        nonlocal done, sent
+        while sent < n_requests and time.perf_counter() < t_end:
+            sent += 1
             body = {"adapter": rng.choices(names, weights)[0], "inputs": [" ".join(rng.choices(WORDS, k=12))]}
             t = time.perf_counter()
             try:
@@ -80,7 +81,7 @@ async def level(client, names, weights, concurrency: int, n_requests: int, secon
             done += 1
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n_requests)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": done, "seconds": round(wall, 3),
             "throughput_rps": round(done / wall, 2) if wall else None,
@@ -92,6 +93,20 @@ def rss_mb(pid: int) -> float:
     import psutil
 
     return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def rss_trend(samples: list[tuple[float, float]]) -> dict:
+    """Memory growth over a soak: RSS at its start, after its first minute (warm: batch shapes and allocator
+    pools seen), at its end, and the least-squares slope (MB/min) after the first minute."""
+    warm = [s for s in samples if s[0] >= 60] or samples
+    n = len(warm)
+    mt = sum(t for t, _ in warm) / n
+    mr = sum(r for _, r in warm) / n
+    var = sum((t - mt) ** 2 for t, _ in warm)
+    slope = sum((t - mt) * (r - mr) for t, r in warm) / var * 60 if var else 0.0
+    return {"rss_mb_soak_start": samples[0][1], "rss_mb_soak_warm": warm[0][1], "rss_mb_soak_end": samples[-1][1],
+            "rss_mb_min_warm": min(r for _, r in warm), "rss_mb_max_warm": max(r for _, r in warm),
+            "rss_slope_mb_per_min": round(slope, 2)}
 
 
 def free_port() -> int:
@@ -114,7 +129,20 @@ async def drive(args, url: str, names: list[str], pid: int) -> dict:
             print(json.dumps(out["levels"][-1]), flush=True)
         if args.soak_seconds > 0:
             big = 10**9  # bounded by time
+            samples = []  # (seconds into the soak, server RSS MB), every --rss-every seconds
+
+            async def sample():
+                t0 = time.perf_counter()
+                while True:
+                    samples.append((round(time.perf_counter() - t0, 1), rss_mb(pid)))
+                    await asyncio.sleep(args.rss_every)
+
+            sampler = asyncio.create_task(sample())
             out["soak"] = await level(c, names, weights, max(args.concurrency), big, args.soak_seconds, rng)
+            sampler.cancel()
+            samples.append((round(args.soak_seconds, 1), rss_mb(pid)))
+            out["soak"]["rss_samples"] = samples
+            out["soak"].update(rss_trend(samples))
             print(json.dumps(out["soak"]), flush=True)
         out["server_health"] = (await c.get("/health")).json()
     out["rss_mb_after"] = rss_mb(pid)
@@ -130,8 +158,15 @@ def markdown(res: dict) -> str:
              f"server exit status {res['server_exit']}.", "",
              "| concurrency | requests | req/s | p50 ms | p95 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
     for r in res["levels"] + ([res["soak"]] if "soak" in res else []):
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p95_ms']} | "
-                     f"{r['p99_ms']} | {r['errors']} |")
+        soak = " (soak)" if r is res.get("soak") else ""
+        lines.append(f"| {r['concurrency']}{soak} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | "
+                     f"{r['p95_ms']} | {r['p99_ms']} | {r['errors']} |")
+    if "soak" in res:
+        k = res["soak"]
+        lines += ["", f"Soak memory (server RSS, sampled every {res.get('rss_every', '?')} s): {k['rss_mb_soak_start']} MB "
+                  f"at its start, {k['rss_mb_soak_warm']} MB after its first minute, {k['rss_mb_soak_end']} MB at its "
+                  f"end; after the first minute between {k['rss_mb_min_warm']} and {k['rss_mb_max_warm']} MB, "
+                  f"least-squares slope {k['rss_slope_mb_per_min']} MB/min."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=200, help="requests per concurrency level (upper bound)")
     ap.add_argument("--level-seconds", type=float, default=60, help="time limit per level")
     ap.add_argument("--soak-seconds", type=float, default=0)
+    ap.add_argument("--rss-every", type=float, default=15, help="soak: seconds between server RSS samples")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-wait-ms", type=float, default=5)
     ap.add_argument("--max-loaded", type=int, default=16)
@@ -185,7 +221,7 @@ def main(argv=None) -> int:
             proc.kill()
             code = "killed after 60 s"
     res.update(model=args.model, adapters=len(names), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-               threads=args.threads, load_average_1min=round(os.getloadavg()[0], 1),
+               threads=args.threads, rss_every=args.rss_every, load_average_1min=round(os.getloadavg()[0], 1),
                max_loaded=args.max_loaded, server_exit=code, cpu=f"{os.cpu_count()} CPU cores",
                command="python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)

@@ -139,6 +139,46 @@ def mixed_row(name, base, ours, pm, x, names, args) -> dict:
             "max_abs_diff_vs_separate": diff, "max_abs_diff_vs_peft": peft_diff}
 
 
+def generate_row(name, base, ours, pm, x, names, args) -> dict:
+    """Decode throughput (new tokens / s) of greedy ``generate`` with the KV cache: the serving workload of a
+    causal LM, where each decode step is one token per row, so per-adapter overhead is not hidden behind a
+    long sequence's matmuls as it is in one forward over ``--seq`` tokens."""
+    p = {k: v[:, : args.gen_prompt] for k, v in x.items()}
+    kw = {"max_new_tokens": args.gen_tokens, "min_new_tokens": args.gen_tokens, "do_sample": False,
+          "pad_token_id": 0}
+    groups = {}
+    for i, a in enumerate(names):
+        groups.setdefault(a, []).append(i)
+
+    def run_ours():
+        with peftlab.batch_adapters(ours, names):
+            return ours.generate(**p, **kw)
+
+    def run_separate():
+        res = torch.empty(len(names), args.gen_prompt + args.gen_tokens, dtype=torch.long)
+        for a, rows in groups.items():
+            peftlab.set_active(ours, [a])
+            idx = torch.tensor(rows)
+            res[idx] = ours.generate(**{k: v[idx] for k, v in p.items()}, **kw).cpu()
+        return res
+
+    fns = {"ours": run_ours, "peft": lambda: pm.generate(**p, adapter_names=names, **kw),
+           "base": lambda: base.generate(**p, **kw), "separate": run_separate}
+    with torch.no_grad():
+        mine = run_ours().cpu()
+        same_sep = bool(torch.equal(mine, run_separate()))
+        same_peft = bool(torch.equal(mine, fns["peft"]().cpu()))
+    med = measure(fns, args.repeats)
+    toks = len(names) * args.gen_tokens
+    return {"model": name, "mode": "generate", "adapters": len(groups), "batch": len(names),
+            "prompt": args.gen_prompt, "new_tokens": args.gen_tokens,
+            **{f"{k}_tokens_per_s": round(toks / v, 1) for k, v in med.items()},
+            "ours_vs_peft": round(med["peft"] / med["ours"], 2),
+            "ours_vs_separate": round(med["separate"] / med["ours"], 2),
+            "ours_time_vs_base": round(med["ours"] / med["base"], 3),
+            "same_tokens_as_separate": same_sep, "same_tokens_as_peft": same_peft}
+
+
 def bench_model(name: str, args, rng) -> list[dict]:
     dev = torch.device(args.device)
     base = load(name, args.tiny).to(dev, getattr(torch, args.dtype))
@@ -150,9 +190,14 @@ def bench_model(name: str, args, rng) -> list[dict]:
         ours, pm = build(base, n, args.r, args.seed)
         ours, pm = ours.to(dev, base.dtype), pm.to(dev, base.dtype)  # adapters in the base dtype too
         for pop in ("uniform", "zipf") if n > 1 else ("uniform",):
-            row = {**mixed_row(name, base, ours, pm, x, assign(n, args.batch, pop, rng), args), "popularity": pop}
+            names = assign(n, args.batch, pop, rng)
+            row = {**mixed_row(name, base, ours, pm, x, names, args), "popularity": pop}
             print(json.dumps(row), flush=True)
             out.append(row)
+            if args.gen_tokens and base.config.model_type != "bert":
+                row = {**generate_row(name, base, ours, pm, x, names, args), "popularity": pop}
+                print(json.dumps(row), flush=True)
+                out.append(row)
         if n == args.adapters[0]:  # unmerged single-adapter inference (the ordinary fused forward) vs base
             peftlab.set_active(ours, ["a0"])
             med = measure({"single": lambda m=ours: m(**x), "base": lambda: base(**x)}, args.repeats)
@@ -169,10 +214,22 @@ def markdown(rows: list[dict], meta: dict) -> str:
              "| model | adapters | popularity | ours | peft adapter_names | separate | base | ours / peft | "
              "ours / separate | max abs diff |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "adapters" in r:
+        if "adapters" in r and r.get("mode") != "generate":
             lines.append(f"| {r['model']} | {r['adapters']} | {r['popularity']} | {r['ours_rows_per_s']} | "
                          f"{r['peft_rows_per_s']} | {r['separate_rows_per_s']} | {r['base_rows_per_s']} | "
                          f"{r['ours_vs_peft']}x | {r['ours_vs_separate']}x | {r['max_abs_diff_vs_separate']:.1e} |")
+    gen = [r for r in rows if r.get("mode") == "generate"]
+    if gen:
+        lines += ["", f"Greedy generate, KV cache: prompt {gen[0]['prompt']} tokens, {gen[0]['new_tokens']} new tokens "
+                  "per row; new tokens/s, median of the same alternating runs. 'same tokens' = our tokens equal "
+                  "the separate runs' and peft's.", "",
+                  "| model | adapters | popularity | ours | peft adapter_names | separate | base | ours / peft | "
+                  "ours / separate | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in gen:
+            lines.append(f"| {r['model']} | {r['adapters']} | {r['popularity']} | {r['ours_tokens_per_s']} | "
+                         f"{r['peft_tokens_per_s']} | {r['separate_tokens_per_s']} | {r['base_tokens_per_s']} | "
+                         f"{r['ours_vs_peft']}x | {r['ours_vs_separate']}x | "
+                         f"{r['same_tokens_as_separate'] and r['same_tokens_as_peft']} |")
     lines.append("")
     for r in rows:
         if "single_adapter_time_vs_base" in r:
@@ -188,6 +245,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--gen-tokens", type=int, default=16, help="causal LMs: also time greedy generate of N new "
+                    "tokens with the KV cache (0 = skip)")
+    ap.add_argument("--gen-prompt", type=int, default=16, help="prompt length for --gen-tokens")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
