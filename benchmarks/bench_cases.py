@@ -194,3 +194,20 @@ CASES.update({
                 "peft": _theirs("AdaLoraConfig", init_r=12, target_r=8, lora_alpha=8.0, total_step=1000),
                 "ref": "lora"},
 })
+
+# ---- issue 19: the selective family (peft has LN tuning; FishMask / diff pruning against our LoRA).
+# FishMask steps with its placeholder mask (same number of entries as the Fisher mask: same cost).
+
+def _ln_theirs(m):
+    import peft
+
+    return _peft(m, peft.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS"))
+
+
+CASES.update({
+    "ln_tuning": {"ours": lambda m: peftlab.attach(m, peftlab.get_config("ln_tuning", targets=["LayerNorm"])),
+                  "peft": _ln_theirs, "ref": "lora"},
+    "fishmask": {"ours": lambda m: peftlab.attach(m, peftlab.get_config("fishmask", keep_fraction=0.005)),
+                 "peft": None, "ref": "lora"},
+    "diff_pruning": {"ours": lambda m: peftlab.attach(m, peftlab.get_config("diff_pruning")), "peft": None, "ref": "lora"},
+})

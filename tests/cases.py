@@ -71,4 +71,7 @@ CASES: dict[str, Case] = {
                         real=False),
     "dylora": Case(lambda: peftlab.get_config("dylora", r=4, alpha=8, rank=3)),
     "adalora": Case(lambda: peftlab.get_config("adalora", r=4, target_r=2, alpha=8.0, orth_reg_weight=0.1)),
+    "diff_pruning": Case(lambda: peftlab.get_config("diff_pruning", keep_fraction=0.05), real=False),
+    "fishmask": Case(lambda: peftlab.get_config("fishmask", keep_fraction=0.05), real=False),
+    "ln_tuning": Case(lambda: peftlab.get_config("ln_tuning")),
 }

@@ -102,3 +102,19 @@ def test_peftlab_trainer_adds_training_loss(tmp_path):
     assert float(reg.detach()) > 0
     torch.testing.assert_close(ours, plain + reg)
     trainer.train()
+
+
+def test_hf_trainer_callback_computes_the_fishmask_mask_and_trains_it(tmp_path):
+    from transformers import Trainer
+
+    from peftlab.core import part_adapters
+    from peftlab.integrations.hf import PeftlabCallback
+
+    m = tiny_model("bert")
+    peftlab.attach(m, peftlab.get_config("fishmask", keep_fraction=0.02, num_samples=4))
+    placeholder = torch.cat([a.indices for _, a in part_adapters(m, "default")])
+    Trainer(model=m, args=_args(tmp_path, 2), train_dataset=_dataset(), callbacks=[PeftlabCallback()]).train()
+    layers = [a for _, a in part_adapters(m, "default")]
+    assert all(bool(a.ready) for a in layers)
+    assert not torch.equal(torch.cat([a.indices for a in layers]), placeholder)  # the Fisher mask replaced it
+    assert any(a.values.abs().sum() > 0 for a in layers)  # and the optimizer trained the resized values

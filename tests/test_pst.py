@@ -270,3 +270,29 @@ def test_cli_export_sparse_of_a_trained_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "peftlab", "export-sparse", str(tmp_path / "nope"), str(tmp_path / "e2")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+def test_movement_mask_does_not_depend_on_the_scores_learning_rate(monkeypatch):
+    """Why movement_prune has no ``scores_lr`` (Sanh et al. use 1e-2 for scores vs 3e-5 for weights): under
+    AdamW the scores at lr·c are the scores at lr times c, so the top-k mask, hence the whole run, is the same."""
+    from peftlab.core import part_adapters
+    from peftlab.testing import loss_of
+    from peftlab.tuners.sparsity.movement import MovementPruneConfig
+
+    def run(scale):
+        monkeypatch.setattr(MovementPruneConfig, "optimizer_options",
+                            lambda self, m, k: {a.scores: {"lr_scale": scale} for _, a in part_adapters(m, k)})
+        m = peftlab.attach(tiny_model("bert", hidden=64), peftlab.get_config("movement_prune", final_sparsity=0.5))
+        opt = torch.optim.AdamW(peftlab.param_groups(m, lr=3e-5))
+        for step in range(12):
+            loss_of(m, tiny_inputs("bert", batch=4, seed=step)).backward()
+            opt.step()
+            opt.zero_grad()
+            peftlab.on_train_step(m, step + 1, 12)
+        layers = part_adapters(m, "default")
+        ties = torch.cat([top_mask(torch.zeros_like(a.scores), float(a.sparsity)).flatten() for _, a in layers])
+        return torch.cat([a.mask(m.get_submodule(n).weight_oi()).flatten() for n, a in layers]), ties
+
+    (m1, ties), (m2, _) = run(1.0), run(1e-2 / 3e-5)
+    assert 0 < int(m1.sum()) < m1.numel() and not torch.equal(m1, ties)  # pruned by learned scores, not by ties
+    assert torch.equal(m1, m2)

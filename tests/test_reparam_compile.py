@@ -1,4 +1,4 @@
-"""The reparameterised family's forwards capture as one graph (torch.compile fullgraph, eager backend)."""
+"""The reparameterised and selective families' forwards capture as one graph (torch.compile fullgraph, eager backend)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ CONFIGS = {
     "loha": dict(r=2), "lokr": dict(r=2, decompose_both=True, decompose_factor=4), "lora_fa": dict(r=2),
     "vera": dict(r=4, targets=["q", "v", "ffn_out"]), "dylora": dict(r=4), "adalora": dict(r=4, target_r=2),
     "lora": dict(r=4, init="pissa"),
+    # the selective family (issue 19)
+    "ln_tuning": {}, "fishmask": dict(keep_fraction=0.05), "diff_pruning": {},
 }
 
 

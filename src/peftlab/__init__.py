@@ -34,7 +34,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedArchitectureError,
 )
-from .hooks import before_optimizer_step, checkpoint_eligible, on_train_step, training_loss
+from .hooks import before_optimizer_step, before_training, checkpoint_eligible, on_train_step, training_loss
 from .interop.peft_format import export_peft, import_peft
 from .optim import param_groups
 from .planner import plan
@@ -53,7 +53,7 @@ __all__ = [
     "CorruptAdapterError", "DoRAConfig", "IA3Config", "IncompatibleAdapterError", "LoRAConfig", "MethodConfig",
     "NotMergeableError", "PeftlabError", "TargetNotFoundError", "UnknownMethodError",
     "UnsupportedArchitectureError", "__version__", "adapter_names", "adapter_parts", "attach", "batch_adapters",
-    "before_optimizer_step", "checkpoint_eligible", "compose", "config_class", "delete", "disabled",
+    "before_optimizer_step", "before_training", "checkpoint_eligible", "compose", "config_class", "delete", "disabled",
     "export_peft", "get_adapter_config", "get_config", "import_peft", "load", "merge", "methods",
     "on_train_step", "param_groups", "plan", "quantize", "report", "save", "set_active", "trainable_parameters", "training_loss", "unload", "unmerge",
 ]

@@ -115,7 +115,17 @@ class MethodConfig:
         """Trainable parameters predicted by the paper's formula for ``ctx.targets`` (None = n/a)."""
         return None
 
+    def trainable_entries(self, model: nn.Module, key: str) -> int | None:
+        """Entries this part trains, where that is not its parameter count (selective methods: the masked
+        entries); None = its parameters. Shown by :func:`peftlab.report`."""
+        return None
+
     # training hooks; ``key`` is the adapter key of this part (peftlab.slot.adapter_key), see peftlab.hooks
+    def before_training(self, model: nn.Module, key: str, batches, loss_fn=None) -> None:
+        """Called once before training (before the optimizer exists) with the training data: ``batches`` is a
+        re-iterable of batch dicts, ``loss_fn(model, batch)`` the loss (default ``model(**batch).loss``).
+        Data-chosen masks (FishMask's Fisher mask) are computed here."""
+
     def training_loss(self, model: nn.Module, key: str):
         """An extra term for the training loss (regularizers), or None."""
         return None

@@ -1,6 +1,7 @@
 """Training hooks: what a training loop calls so that methods with regularizers, schedules or
 gradient-based decisions work without the loop knowing them.
 
+    peftlab.before_training(model, batches)                    # once, before the optimizer (FishMask)
     loss = task_loss + (peftlab.training_loss(model) or 0)
     loss.backward(); clip_grad_norm_(...)
     peftlab.before_optimizer_step(model, step, total_steps)   # gradients present (AdaLoRA, masks)
@@ -8,7 +9,7 @@ gradient-based decisions work without the loop knowing them.
     peftlab.on_train_step(model, step + 1, total_steps)       # schedules (PST sparsity)
     if peftlab.checkpoint_eligible(model, step + 1, total_steps): maybe keep as best
 
-``peftlab train`` calls all four; :mod:`peftlab.integrations.hf` wires them into a transformers
+``peftlab train`` calls all five; :mod:`peftlab.integrations.hf` wires them into a transformers
 ``Trainer``. Each dispatches to the active adapters' (expanded, cached) parts with the part's adapter key.
 """
 
@@ -28,6 +29,14 @@ def active_parts(model: nn.Module):
     for name in st.active:
         for label, part in st.parts[name]:
             yield adapter_key(name, label), part
+
+
+def before_training(model: nn.Module, batches, loss_fn=None) -> None:
+    """Call once before training, before building the optimizer: methods that choose what to train from
+    data (FishMask) do it here. ``batches``: a re-iterable of training batch dicts; ``loss_fn(model, batch)``
+    returns the loss (default ``model(**batch).loss``)."""
+    for key, part in active_parts(model):
+        part.before_training(model, key, batches, loss_fn)
 
 
 def training_loss(model: nn.Module):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .context import context_for
-from .core import adapter_parameters, has_adapters, state
+from .core import adapter_parameters, has_adapters, part_adapters, state
 from .errors import PeftlabError
 from .slot import adapter_key, display_key, resolve
 
@@ -22,6 +22,7 @@ class AdapterRow:
     head: int  # parameters of the trained task head
     formula: int | None  # count predicted by the method's formula, where defined
     parts: list[str] = field(default_factory=list)  # a composite's parts: "default.lora", "default.adapter"
+    entries: int | None = None  # entries actually trained where that differs from params (selective methods)
 
 
 @dataclass
@@ -61,12 +62,24 @@ class Report:
             )
             if r.parts:
                 lines.append(f"  parts: {', '.join(r.parts)}")
+            if r.entries is not None:
+                lines.append(f"  trained entries: {r.entries:,} (sparse: only these are stored)")
         lines.append("-" * len(head))
         lines.append(
             f"trainable {self.trainable:,} of {self.total:,} parameters "
             f"({self.trainable_percent:.4f}% of the {self.base:,} base parameters)"
         )
         return "\n".join(lines)
+
+
+def _entries(model: nn.Module, name: str, parts) -> int | None:
+    """Trained entries over the parts (a part's ``trainable_entries``, else its parameter count); None when
+    no part counts entries differently from its parameters."""
+    counts = [(part.trainable_entries(model, adapter_key(name, label)), adapter_key(name, label)) for label, part in parts]
+    if all(c is None for c, _ in counts):
+        return None
+    return sum(c if c is not None else sum(p.numel() for _, a in part_adapters(model, key) for p in a.parameters())
+               for c, key in counts)
 
 
 def report(model: nn.Module) -> Report:
@@ -88,5 +101,5 @@ def report(model: nn.Module) -> Report:
                 formula = None
             parts = [display_key(adapter_key(name, label)) for label, _ in st.parts[name] if label is not None]
             rows.append(AdapterRow(name, cfg.method, name in st.active, n, sum(p.numel() for p in ps if p.requires_grad),
-                                   head, formula, parts))
+                                   head, formula, parts, _entries(model, name, st.parts[name])))
     return Report(total=total, base=total - adapter_total, trainable=trainable, adapters=rows)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .errors import AdapterExistsError, NotMergeableError
+from .errors import AdapterExistsError, IncompatibleAdapterError, NotMergeableError
 
 
 class Adapter(nn.Module):
@@ -47,11 +47,46 @@ class Adapter(nn.Module):
     def from_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} has no peft equivalent")
 
+    # what the adapter file holds for this adapter (peftlab.state): by default its state dict; a selective
+    # method stores only its trained entries (flat indices + values) and rebuilds itself from them on load
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state_dict()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Take ``tensors`` (what :meth:`state_tensors` wrote); IncompatibleAdapterError naming ``where``."""
+        load_exact(self, tensors, where)
+
     @property
     def shared(self) -> nn.Module | None:
         """The module shared by all adapters of this config part (``build_shared``), bound by the core.
         A reference, not a submodule: the shared module is registered once, in ``model.peftlab_shared``."""
         return self.__dict__.get("_peftlab_shared")
+
+
+def load_exact(module: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into ``module``'s state dict: the same keys and shapes, else IncompatibleAdapterError."""
+    own = module.state_dict()
+    if set(own) != set(tensors):
+        miss, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise IncompatibleAdapterError(f"{where}: adapter tensors do not match: missing {miss[:5]}, unexpected {extra[:5]}")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise IncompatibleAdapterError(f"{where}::{k}: shape {tuple(v.shape)} != {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+
+
+def state_tensors(adapter: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds for ``adapter`` (its :meth:`Adapter.state_tensors`, or its state dict)."""
+    return adapter.state_tensors() if isinstance(adapter, Adapter) else adapter.state_dict()
+
+
+def load_state_tensors(adapter: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    if isinstance(adapter, Adapter):
+        adapter.load_state_tensors(tensors, where)
+    else:
+        load_exact(adapter, tensors, where)
 
 
 def bind_shared(adapter: nn.Module, shared: nn.Module | None) -> None:

@@ -43,7 +43,7 @@ from .core import (
 )
 from .errors import AdapterExistsError, CorruptAdapterError, IncompatibleAdapterError, PeftlabError
 from .registry import config_class
-from .slot import resolve, split_key
+from .slot import load_state_tensors, resolve, split_key, state_tensors
 
 CONFIG_NAME = "peftlab_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -85,18 +85,35 @@ def tensor_key(scope: str, part: str | None, param: str) -> str:
     return f"{scope}::{param}" if part is None else f"{scope}::{part}/{param}"
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """All tensors that make up adapter ``name`` (slot adapters, shared modules, heads)."""
-    get_adapter_config(model, name)
-    out: dict[str, torch.Tensor] = {}
+def parse_tensor_key(key: str) -> tuple[str, str | None, str]:
+    """The one parser of file tensor keys: (scope, part or None, param)."""
+    scope, _, rest = key.partition("::")
+    if scope == "head" or "/" not in rest:
+        return scope, None, rest
+    part, _, param = rest.partition("/")
+    return scope, part, param
+
+
+def _owners(model: nn.Module, name: str) -> dict[tuple[str, str | None], nn.Module]:
+    """(scope, part) -> the slot adapter or shared module of adapter ``name`` stored under it."""
+    out = {}
     for path, slot in slots(model):
         for key in slot.keys_of(name):
-            for k, v in slot.adapters[key].state_dict().items():
-                out[tensor_key(path, split_key(key)[1], k)] = v
+            out[(path, split_key(key)[1])] = slot.adapters[key]
     for key, m in shared_modules(model).items():
         if split_key(key)[0] == name:
-            for k, v in m.state_dict().items():
-                out[tensor_key("shared", split_key(key)[1], k)] = v
+            out[("shared", split_key(key)[1])] = m
+    return out
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """All tensors that make up adapter ``name`` in its file (slot adapters' ``state_tensors``, shared
+    modules, heads)."""
+    get_adapter_config(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for (scope, part), m in _owners(model, name).items():
+        for k, v in state_tensors(m).items():
+            out[tensor_key(scope, part, k)] = v
     for h in state(model).heads.get(name, []):
         for k, v in resolve(model, h).state_dict().items():
             out[tensor_key("head", None, f"{h}.{k}")] = v
@@ -285,22 +302,30 @@ def load(model: nn.Module, path: str | os.PathLike, name: str | None = None, is_
 
 
 def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], st) -> None:
-    """Copy the file's tensors into adapter ``name``; heads only where the config declares them."""
-    expected = adapter_state_dict(model, name)
-    is_head = lambda k: k.startswith("head::")  # noqa: E731
-    exp_keys = {k for k in expected if not is_head(k)}
-    got_keys = {k for k in tensors if not is_head(k)}
-    if exp_keys != got_keys:
-        miss, extra = sorted(exp_keys - got_keys), sorted(got_keys - exp_keys)
-        raise IncompatibleAdapterError(f"adapter tensors do not match: missing {miss[:5]}, unexpected {extra[:5]}")
-    heads = {k for k in tensors if is_head(k)}
-    undeclared = sorted(heads - set(expected))
+    """Copy the file's tensors into adapter ``name`` (each slot adapter / shared module takes its own group
+    through ``load_state_tensors``); heads only where the config declares them, checked before any is written."""
+    owners = _owners(model, name)
+    groups: dict[tuple[str, str | None], dict[str, torch.Tensor]] = {o: {} for o in owners}
+    heads = {}
+    for k, v in tensors.items():
+        scope, part, param = parse_tensor_key(k)
+        if scope == "head":
+            heads[k] = v
+        elif (scope, part) in groups:
+            groups[(scope, part)][param] = v
+        else:
+            raise IncompatibleAdapterError(f"adapter tensors do not match: unexpected {k!r}")
+    for (scope, part), group in groups.items():
+        load_state_tensors(owners[(scope, part)], group, scope if part is None else f"{scope}::{part}")
+    expected = {tensor_key("head", None, f"{h}.{k}"): v for h in st.heads[name]
+                for k, v in resolve(model, h).state_dict().items()}
+    undeclared = sorted(set(heads) - set(expected))
     if undeclared:
         raise IncompatibleAdapterError(
             f"head tensors {undeclared[:5]} are not parameters of the heads this config declares ({st.heads[name]})")
-    for k in exp_keys | heads:
-        if expected[k].shape != tensors[k].shape:
-            raise IncompatibleAdapterError(f"{k}: shape {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}")
+    for k in heads:
+        if expected[k].shape != heads[k].shape:
+            raise IncompatibleAdapterError(f"{k}: shape {tuple(heads[k].shape)} != {tuple(expected[k].shape)}")
     backup = {}
     for h in st.heads[name]:
         for k, v in resolve(model, h).state_dict().items():
@@ -308,10 +333,9 @@ def _fill(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], st) -> 
                 backup.setdefault(h, {})[k] = v.detach().clone()
     try:
         with torch.no_grad():
-            for k in exp_keys | heads:
-                expected[k].copy_(tensors[k])
+            for k in heads:
+                expected[k].copy_(heads[k])
     except BaseException:
         restore_heads(model, backup)
         raise
     st.head_backup[name] = backup
-

@@ -8,7 +8,7 @@
 A ``TrainerCallback`` cannot change the loss, so the extra loss terms of the active adapters (qGOFT's
 orthogonality regulariser ...) go through :class:`PeftlabTrainer` (a Trainer whose ``compute_loss`` adds
 them) or the :func:`compute_loss` helper for a Trainer subclass of your own. The callback maps
-``on_pre_optimizer_step`` → :func:`peftlab.before_optimizer_step` (gradients present, after clipping)
+``on_train_begin`` → :func:`peftlab.before_training` (the train dataloader), ``on_pre_optimizer_step`` → :func:`peftlab.before_optimizer_step` (gradients present, after clipping)
 and ``on_step_end`` → :func:`peftlab.on_train_step`. ``step`` is ``state.global_step`` (the steps already
 taken before the optimizer step; the steps taken so far at the end of a step), ``total_steps``
 ``state.max_steps``.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
 
-from ..hooks import before_optimizer_step, on_train_step, training_loss
+from ..hooks import before_optimizer_step, before_training, on_train_step, training_loss
 
 
 def _unwrap(model):
@@ -29,7 +29,15 @@ def _unwrap(model):
 
 
 class PeftlabCallback(TrainerCallback):
-    """Calls peftlab's step hooks from a transformers Trainer."""
+    """Calls peftlab's step hooks from a transformers Trainer (and :func:`peftlab.before_training` on the
+    train dataloader at ``on_train_begin``: the optimizer exists by then, but methods that choose their
+    entries there resize their parameters in place, before its first step)."""
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is not None and train_dataloader is not None and state.global_step == 0:
+            m = _unwrap(model)
+            device = next(m.parameters()).device
+            before_training(m, _OnDevice(train_dataloader, device))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -38,6 +46,17 @@ class PeftlabCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             on_train_step(_unwrap(model), state.global_step, state.max_steps)
+
+
+class _OnDevice:
+    """A dataloader's batches moved to ``device`` (re-iterable)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for b in self.loader:
+            yield {k: v.to(self.device) if hasattr(v, "to") else v for k, v in b.items()}
 
 
 def compute_loss(trainer: Trainer, model, inputs, return_outputs: bool = False, **kwargs):

@@ -128,8 +128,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
     return path
 
 
-def _resolver(model: nn.Module, exclude):
-    names = [t.name for t, _ in iter_candidates(model) if t.kind == "linear"]
+def _resolver(model: nn.Module, exclude, kinds=("linear",)):
+    names = [t.name for t, _ in iter_candidates(model) if t.kind in kinds]
 
     def excluded(n: str) -> bool:
         if not exclude:
@@ -175,9 +175,9 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         raise AdapterExistsError(f"an adapter named {name!r} is already attached")
     if d.get("layers_to_transform") is not None:
         raise PeftlabError("peft's layers_to_transform is not supported on import; use target_modules names")
-    resolve = _resolver(model, d.get("exclude_modules"))
     fields, cls = None, None
     for c in map(config_class, methods()):
+        resolve = _resolver(model, d.get("exclude_modules"), c.accepts)
         try:
             fields = c.from_peft_fields(d, resolve)
         except ValueError as e:
@@ -189,7 +189,8 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         raise UnknownMethodError(f"{path}: peft_type {d.get('peft_type')!r} (use_dora={d.get('use_dora')}) has no peftlab equivalent")
     targets = resolve(d.get("target_modules") or [])
     if not targets:
-        raise IncompatibleAdapterError(f"{path}: target_modules {d.get('target_modules')!r} match no linear module of this model")
+        raise IncompatibleAdapterError(f"{path}: target_modules {d.get('target_modules')!r} match no "
+                                       f"{'/'.join(cls.accepts)} module of this model")
     all_names = {n for n, _ in walk(model)}
     mts = [m for m in (d.get("modules_to_save") or []) if m in all_names or any(n.endswith("." + m) for n in all_names)]
     config = cls.from_dict({**fields, "targets": targets, "modules_to_save": mts})

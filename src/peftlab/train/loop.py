@@ -142,6 +142,18 @@ def evaluate(model, tok, data: TaskData, cfg: RunConfig) -> dict[str, float]:
     return out
 
 
+class _FirstEpoch:
+    """The first epoch's global training batches in training order (re-iterable, collated lazily)."""
+
+    def __init__(self, items: list, gbs: int, seed: int, pad_id: int, regression: bool):
+        self.items, self.gbs, self.seed, self.pad_id, self.regression = items, gbs, seed, pad_id, regression
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.seed * 1000)).tolist()
+        for j in range(0, len(perm), self.gbs):
+            yield collate([self.items[i] for i in perm[j : j + self.gbs]], self.pad_id, self.regression)
+
+
 def _peak_mem_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -190,16 +202,20 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
     data = load_task(cfg)
     model, tok = build_model(cfg, data, trust_remote_code)
     model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # one group per (lr, weight decay): no decay on biases and norms; methods' wishes (LoRA+: B at λ·lr)
-    opt = torch.optim.AdamW(peftlab.param_groups(model, lr=t.lr, weight_decay=t.weight_decay),
-                            lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
     if data.kind == "choice":
         train_items = encode_choice_train(tok, data.train, t.max_length)
     else:
         train_items = encode_classification(tok, data.train, t.max_length)
     gbs = t.batch_size * world
     per_epoch = max(1, len(train_items) // gbs if world > 1 else math.ceil(len(train_items) / gbs))
+    # methods that choose what to train from the data (FishMask) do it now, on the first epoch's global
+    # batches (the same on every process), before the optimizer exists
+    peftlab.before_training(model, _FirstEpoch(train_items, gbs, t.seed, tok.pad_token_id, data.kind == "regression"),
+                            (lambda m, b: answer_loss(m, b, m)) if data.kind == "choice" else None)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # one group per (lr, weight decay): no decay on biases and norms; methods' wishes (LoRA+: B at λ·lr)
+    opt = torch.optim.AdamW(peftlab.param_groups(model, lr=t.lr, weight_decay=t.weight_decay),
+                            lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)
     steps_per_epoch = max(1, per_epoch // t.grad_accum)
     total = t.max_steps if t.max_steps is not None else max(1, int(round(t.epochs * steps_per_epoch)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, total))

@@ -6,6 +6,8 @@
   packed bitmask (1 bit per weight) + the non-zero values (fp32, lossless) in one safetensors file;
   its size shrinks with sparsity (≈ 1/32 + (1 − s) of the dense fp32 size).
 - ``sparsity_report(model)``: per layer, zeros / total of the effective weight.
+- ``save_sparse_delta(model, path)`` / ``apply_sparse_delta(model, path)``: the same packed form for the
+  sparse *update* δ of diff pruning and FishMask (W + δ: the base weights are not sparse, the update is).
 """
 
 from __future__ import annotations
@@ -71,21 +73,53 @@ def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Sparsified layers as packed bitmask + non-zero values (safetensors)."""
+def _write_packed(weights: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str) -> Path:
+    """(out, in) tensors as packed bitmask of their non-zeros + those values in fp32 (safetensors)."""
     tensors, meta = {}, {}
-    for p, w in effective_weights(model).items():
+    for p, w in weights.items():
+        w = w.detach().cpu()
         mask = (w != 0).flatten().numpy()
         tensors[f"{p}.mask"] = torch.from_numpy(np.packbits(mask))
         tensors[f"{p}.values"] = w.flatten()[torch.from_numpy(mask)].float().contiguous()
         meta[p] = list(w.shape)
     path = Path(path)
-    save_file(tensors, str(path), metadata={"format": "peftlab-sparse", "shapes": json.dumps(meta)})
+    save_file(tensors, str(path), metadata={"format": fmt, "shapes": json.dumps(meta)})
     return path
 
 
+def save_compact(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Sparsified layers as packed bitmask + non-zero values (safetensors)."""
+    return _write_packed(effective_weights(model), path, "peftlab-sparse")
+
+
+def sparse_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Module path -> the trained sparse δ (out, in) of the active sparse-update adapters (diff pruning,
+    FishMask: adapters defining ``sparse_delta()``)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, s in slots(model):
+        for n in s.active:
+            a = s.adapters[n]
+            if hasattr(a, "sparse_delta") and n not in s.merged:
+                d = a.sparse_delta().float()
+                out[path] = out[path] + d if path in out else d
+    if not out:
+        raise PeftlabError("the model has no active sparse-update adapter (diff_pruning / fishmask) to export")
+    return out
+
+
+def save_sparse_delta(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The trained δ of every targeted weight as packed bitmask + non-zero values: its size follows the
+    number of non-zero entries (≈ 1/32 + density of the dense fp32 size)."""
+    return _write_packed(sparse_deltas(model), path, "peftlab-sparse-delta")
+
+
+def apply_sparse_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Add a sparse-delta file's δ into a plain (un-adapted) model of the same architecture: W ← W + δ."""
+    return _write_into(model, path, "sparse delta", add=True)
+
+
 def read_compact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Decode a compact file into dense (out, in) weights."""
+    """Decode a compact (or sparse-delta) file into dense (out, in) tensors."""
     from safetensors import safe_open
 
     try:
@@ -105,16 +139,19 @@ def read_compact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Write the compact file's weights into a plain (un-adapted) model of the same architecture."""
-    weights = read_compact(path)
-    for p, w in weights.items():
+def _write_into(model: nn.Module, path, what: str, add: bool) -> nn.Module:
+    for p, w in read_compact(path).items():
         mod = resolve(model, p)
         target = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
         if tuple(target.shape) != tuple(w.shape):
-            raise PeftlabError(f"{p}: compact weight {tuple(w.shape)} does not fit {tuple(target.shape)}")
-        target.copy_(w.to(target.dtype))
+            raise PeftlabError(f"{p}: {what} {tuple(w.shape)} does not fit {tuple(target.shape)}")
+        target.add_(w.to(target.dtype)) if add else target.copy_(w.to(target.dtype))
     return model
+
+
+def load_compact(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Write the compact file's weights into a plain (un-adapted) model of the same architecture."""
+    return _write_into(model, path, "compact weight", add=False)
 
 
 def export_all(model: nn.Module, out_dir: str | os.PathLike) -> dict:
