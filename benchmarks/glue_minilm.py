@@ -69,6 +69,10 @@ METHODS.update({
     "adalora": ("adalora", {"r": 12, "target_r": 8, "alpha": 8, "delta_t": 10, **_QV,
                             "tinit": {"sst2": 25, "mrpc": 35}, "tfinal": {"sst2": 50, "mrpc": 70}}, 5e-4),
 })
+# QLoRA-style (issue 20): LoRA on an NF4 base (bitsandbytes, block 64, double-quantized scales); the
+# classification head and LayerNorms stay fp32. Rows with a base quantization are named METHOD-nf4 / -int8.
+METHODS["lora-nf4"] = METHODS["lora"]
+QUANTIZED = {"lora-nf4": "nf4"}
 # PST vs magnitude and movement pruning (same cubic schedule: warm-up 10%, cool-down 30%, same epochs),
 # METHODS.md §4; the full-size-update baselines use the full fine-tuning learning rate
 for _s in (50, 70, 90):
@@ -121,6 +125,7 @@ def run_one(method: str, task: str, epochs: float, out_root: Path, seed: int, da
     args = {k: _per_task(v, task) for k, v in args.items()}
     cfg = {
         "model": "minilm", "method": name, "method_args": args,
+        **({"model_args": {"quantize": QUANTIZED[method]}} if method in QUANTIZED else {}),
         "task": {"name": task, **TASKS[task], **({"data_dir": data_dir} if data_dir else {}),
                  **({"subset_seed": subset_seed} if subset_seed is not None else {})},
         "train": {"epochs": epochs, "batch_size": 32, "lr": lr, "max_length": 128, "warmup_ratio": 0.06,
