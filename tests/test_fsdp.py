@@ -36,9 +36,12 @@ def llama(tmp_path_factory) -> str:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
-def conf(llama: str, out, world: int, **model_args) -> dict:
+def conf(llama: str, out, world: int, method: str = "lora", **model_args) -> dict:
     """The run on ``world`` processes: the same global batch (8), sharded when ``world`` > 1."""
     train = {**CFG["train"], "batch_size": 8 // world, "fsdp": world > 1}
+    if method == "full":  # full fine-tuning: every weight trained, saved as a transformers model
+        return {**CFG, "method": "full", "method_args": {}, "model": llama, "output_dir": str(out),
+                "train": {**train, "lr": 1e-3}, "model_args": model_args}
     return {**CFG, "model": llama, "output_dir": str(out), "train": train, "model_args": model_args}
 
 
@@ -69,7 +72,7 @@ def assert_same_training(one, two) -> None:
     a, b = (load_file(str(r / "checkpoint" / "state.safetensors")) for r in (one, two))
     keys = sorted(k for k in a if not k.startswith("rng."))
     assert keys == sorted(k for k in b if not k.startswith("rng."))
-    assert any(k.startswith("param.") and "lora_B" in k for k in keys) and any(k.startswith("opt.") for k in keys)
+    assert any(k.startswith("param.") for k in keys) and any(k.startswith("opt.") for k in keys)
     for k in keys:
         assert b[k].shape == a[k].shape, k  # full tensors, not one process's shard
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
@@ -86,20 +89,22 @@ def assert_adapter_loads_in_one_process(one, two) -> None:
         b.pop("labels")
         with torch.no_grad():
             outs.append(model.eval()(**b).logits)
-        lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
-        assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # a trained adapter (B starts at zero)
+        if json.loads((run / "config.json").read_text())["method"] != "full":
+            lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+            assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # a trained adapter (B starts at zero)
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.distributed
-def test_fsdp_lora_on_two_processes_trains_as_one_process(llama, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_on_two_processes_trains_as_one_process(llama, tmp_path, method):
     from peftlab.train.loop import run
 
-    log = launch_two(tmp_path, conf(llama, tmp_path / "two", 2))
+    log = launch_two(tmp_path, conf(llama, tmp_path / "two", 2, method))
     held = re.search(r"FSDP2 .* 4 blocks \+ root over 2 processes; this process holds (\d+) of (\d+) parameter bytes", log)
     assert held, log[-2000:]
     assert int(held[1]) <= 0.55 * int(held[2])  # sharded: each process holds about half
-    run(conf(llama, tmp_path / "one", 1))
+    run(conf(llama, tmp_path / "one", 1, method))
     assert_same_training(tmp_path / "one", tmp_path / "two")
     assert_adapter_loads_in_one_process(tmp_path / "one", tmp_path / "two")
 
