@@ -157,3 +157,54 @@ def test_python_dash_m_peftlab_cli_knows_every_command():
     r = subprocess.run([sys.executable, "-m", "peftlab.cli", "explore", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--backend" in r.stdout, r.stderr[-2000:]
+
+
+def _trials(out: Path) -> dict[str, dict]:
+    recs = {}
+    for line in (out / "trials.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        recs[r["id"]] = r  # the last record of an id is the one that counts
+    return recs
+
+
+def test_memory_budget_skips_and_records_the_designs_the_planner_says_do_not_fit(tiny_bert_dir, tmp_path):
+    """A budget below every design: all planned, none trained. A budget between the designs' predicted peaks
+    (the same output_dir: skips judged against another budget are planned again): those above it are
+    skipped and recorded with their predicted peak, those below are trained."""
+    from peftlab.planner import fmt_bytes
+
+    cfg = space_cfg(tiny_bert_dir, tmp_path / "ex", samples=1, memory_budget="1KiB")
+    with pytest.raises(Exception, match="every trial failed or was over the memory budget"):
+        explore(cfg)
+    first = _trials(tmp_path / "ex")
+    assert len(first) == 5 and all("skipped" in r and "score" not in r for r in first.values())
+    assert not any((tmp_path / "ex" / "trials").glob("*/*/results.json"))  # nothing was trained
+    peaks = sorted(r["predicted_peak"] for r in first.values())
+    assert peaks[1] < peaks[-1], peaks  # the designs differ in predicted memory
+    budget = (peaks[1] + peaks[2]) // 2 if peaks[1] < peaks[2] else (peaks[1] + peaks[-1]) // 2
+    summary = explore({**cfg, "memory_budget": budget})
+    recs = _trials(tmp_path / "ex")
+    over = {i for i, r in first.items() if r["predicted_peak"] > budget}
+    assert over and len(over) < 5
+    assert {i for i, r in recs.items() if "skipped" in r} == over
+    for i, r in recs.items():
+        assert r["memory_budget"] == budget and r["predicted_peak"] == first[i]["predicted_peak"]
+        assert ("score" in r) == (i not in over)
+        if i in over:
+            assert fmt_bytes(budget) in r["skipped"] and "demo" in r["skipped"]
+    stage = summary["stages"][0]
+    assert {s["id"] for s in stage["skipped"]} == over and stage["chosen"] not in {recs[i]["candidate"] for i in over}
+    report = (tmp_path / "ex" / "report.md").read_text()
+    assert "over the memory budget" in report and all(i in report for i in over)
+
+
+def test_cli_explore_budget(tiny_bert_dir, tmp_path, capsys):
+    from test_reliability import assert_one_line_error, cli
+
+    p = tmp_path / "space.yaml"
+    p.write_text(yaml.safe_dump(space_cfg(tiny_bert_dir, tmp_path / "ex", samples=1)))
+    rc, out, err = cli(capsys, "explore", str(p), "--budget", "lots")
+    assert_one_line_error(rc, err, "memory_budget", "lots")
+    rc, out, err = cli(capsys, "explore", str(p), "memory_budget=2KiB")
+    assert_one_line_error(rc, err, "over the memory budget")
+    assert out.count("SKIPPED predicted peak") == 5 and "exceeds the memory budget 2.00 KiB" in out

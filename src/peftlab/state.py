@@ -120,13 +120,25 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a ``DTensor`` sharded by FSDP (all-gathered: a collective), or ``t`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str = "default", *, write: bool = True) -> Path:
     """Write adapter ``name`` to directory ``path``, replacing it as a whole (files there that are not part
-    of an adapter are carried over)."""
+    of an adapter are carried over).
+
+    On a model sharded by FSDP every process must call ``save`` (the full tensors are gathered from all of
+    them) and only the main one with ``write=True``; the others pass ``write=False`` and write nothing."""
     config = get_adapter_config(model, name)
     path = Path(path)
+    tensors = {k: full_tensor(v).detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    if not write:
+        return path
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
     targets = [p for p, s in slots(model) if s.keys_of(name)]
     tmp = Path(tempfile.mkdtemp(dir=path.absolute().parent, prefix=f".{path.name}.tmp-"))
     try:

@@ -6,7 +6,7 @@ import json
 
 
 def _explore(args) -> int:
-    from ..explore import explore, load
+    from ..explore import budget_bytes, explore, load
 
     cfg = load(args.space, args.overrides)
     if args.backend:
@@ -15,11 +15,15 @@ def _explore(args) -> int:
         cfg.workers = args.workers
     if args.address:
         cfg.ray_address = args.address
+    if args.budget:
+        cfg.memory_budget = args.budget
+        budget_bytes(cfg)
     n = [0]
 
     def progress(rec):
         n[0] += 1
-        msg = f"score {rec['score']:.2f}" if "score" in rec else f"FAILED {rec['error'][:80]}"
+        msg = (f"score {rec['score']:.2f}" if "score" in rec else f"SKIPPED {rec['skipped']}" if "skipped" in rec
+               else f"FAILED {rec['error'][:80]}")
         print(f"[{n[0]}] {rec['id']}: {msg}", flush=True)
 
     summary = explore(cfg, progress=progress)
@@ -35,4 +39,6 @@ def add_commands(sub) -> None:
     p.add_argument("--backend", choices=["local", "ray"], help="where trials run (default: the YAML's, local)")
     p.add_argument("--workers", type=int, help="parallel trials (process pool or Ray CPUs)")
     p.add_argument("--address", help="Ray cluster address (default: start Ray locally)")
+    p.add_argument("--budget", help="memory budget such as 8GiB: designs whose predicted peak training memory "
+                   "(peftlab plan) exceeds it are skipped and recorded (YAML: memory_budget)")
     p.set_defaults(func=_explore)

@@ -6,18 +6,14 @@ import json
 
 
 def _plan(args) -> int:
-    from ..planner import parse_bytes, plan
+    from ..planner import parse_bytes
     from ..train.config import load_config
-    from ..train.data import load_task
-    from ..train.loop import build_model
+    from ..train.planning import plan_run
 
     cfg = load_config(args.config, args.overrides)
     budget = parse_bytes(args.budget) if args.budget is not None else None
-    data = load_task(cfg)
-    model, _ = build_model(cfg, data)
-    batch = cfg.train.batch_size if args.batch is None else args.batch
-    seq = cfg.train.max_length if args.seq is None else args.seq
-    p = plan(model, batch_size=batch, seq_len=seq, optimizer="adamw")
+    cfg, p = plan_run(cfg, args.batch, args.seq)
+    batch, seq = p.batch_size, p.seq_len
     if args.json:
         d = p.to_dict()
         if budget is not None:

@@ -7,6 +7,11 @@ low-epoch regime on the task list, scored by the average dev metric; the candida
 score is fixed and the next stage starts. Every trial goes to ``trials.jsonl`` as it finishes, so a
 killed exploration resumes where it stopped and a failing trial is recorded, not fatal. The report
 (``report.md``, EDF plots, ``summary.json``) compares the candidates' score distributions.
+
+``memory_budget: 8GiB`` (or ``peftlab explore --budget 8GiB``): before a design is trained, the memory
+planner (:func:`peftlab.plan`) predicts its peak training memory on every task; a design whose predicted
+peak exceeds the budget is not trained but recorded in ``trials.jsonl`` (``skipped``, ``predicted_peak``)
+and listed in the report, and its stage compares the designs that fit.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from .runner import execute, run_trial  # noqa: F401
 from .space import COMPONENTS, Space, candidates, sample
 
 KEYS = {"model", "tasks", "train", "space", "samples", "seed", "stages", "output_dir", "backend", "workers",
-        "ray_address", "strategy_candidates"}
+        "ray_address", "strategy_candidates", "memory_budget"}
 
 
 @dataclass
@@ -39,6 +44,7 @@ class ExploreConfig:
     workers: int = 1
     ray_address: str | None = None
     strategy_candidates: list[list[str]] | None = None  # limit the 15 subsets tried per group
+    memory_budget: str | int | None = None  # e.g. "8GiB": designs the planner says exceed it are skipped
 
 
 def load(source, overrides: list[str] | None = None) -> ExploreConfig:
@@ -64,10 +70,24 @@ def load(source, overrides: list[str] | None = None) -> ExploreConfig:
     slugs = [fs.slug(t["name"]) for t in cfg.tasks]
     if len(set(slugs)) != len(slugs):
         raise PeftlabError(f"tasks: names {[t['name'] for t in cfg.tasks]} are not distinct as folder names {slugs}")
+    if cfg.memory_budget is not None:
+        budget_bytes(cfg)
     bad = [s for s in cfg.stages if s not in COMPONENTS]
     if bad:
         raise PeftlabError(f"unknown stage(s) {bad}; stages are {list(COMPONENTS)}")
     return cfg
+
+
+def budget_bytes(cfg: ExploreConfig) -> int | None:
+    """``memory_budget`` in bytes (None: no budget); a one-line error naming the key when unreadable."""
+    from ..planner import parse_bytes
+
+    if cfg.memory_budget is None:
+        return None
+    try:
+        return parse_bytes(cfg.memory_budget)
+    except PeftlabError as e:
+        raise PeftlabError(f"memory_budget: {e}") from None
 
 
 def _label(v: Any) -> str:
@@ -93,6 +113,7 @@ def _explore(cfg: ExploreConfig, out: Path, progress) -> dict:
     fs.write_text(out / "explore_config.json", json.dumps(cfg.__dict__, indent=2))
     log = out / "trials.jsonl"
     space = Space(**{**{"groups": 4, "budget": 0.005}, **cfg.space})
+    budget = budget_bytes(cfg)
     chosen: dict[str, Any] = {}
     stages_out = []
 
@@ -106,23 +127,27 @@ def _explore(cfg: ExploreConfig, out: Path, progress) -> dict:
                 key = f"{cfg.seed}/{stage_name}/{_label(c)}/{k}"
                 jobs.append({"id": key, "stage": stage_name, "candidate": _label(c), "s4": sample(sp, key),
                              "model": cfg.model, "tasks": cfg.tasks, "train": cfg.train,
-                             "out": str(out / "trials" / fs.slug(key.replace("/", "_")))})
+                             "out": str(out / "trials" / fs.slug(key.replace("/", "_"))),
+                             **({"memory_budget": budget} if budget else {})})
         recs = execute(jobs, log, cfg.backend, cfg.workers, cfg.ray_address, progress)
         scored = {_label(c): [recs[j["id"]] for j in jobs if j["candidate"] == _label(c)
                               and "score" in recs.get(j["id"], {})] for c in cands}
         groups = {lab: [r["score"] for r in rs] for lab, rs in scored.items()}
         failed = sum(1 for j in jobs if "error" in recs.get(j["id"], {}))
+        skipped = [{"id": j["id"], "candidate": j["candidate"], "predicted_peak": recs[j["id"]]["predicted_peak"]}
+                   for j in jobs if "skipped" in recs.get(j["id"], {})]
         stats = {lab: summarize(s) for lab, s in groups.items()}
         for lab, rs in scored.items():  # per-task mean dev metric: shows which task separates the candidates
             if rs:
                 stats[lab]["tasks"] = {t: sum(r["scores"][t] for r in rs) / len(rs) for t in rs[0]["scores"]}
         ok = [c for c in cands if stats[_label(c)].get("n")]
         if not ok:
-            raise PeftlabError(f"stage {stage_name}: every trial failed; see {log}")
+            raise PeftlabError(f"stage {stage_name}: every trial failed{' or was over the memory budget' if skipped else ''}; "
+                               f"see {log}")
         best = max(ok, key=lambda c: (stats[_label(c)]["mean"], -stats[_label(c)]["std"]))
         png = plot_edf(groups, out / f"edf_{stage_name.replace('/', '_')}.png", f"stage {stage_name}")
         stages_out.append({"stage": stage_name, "stats": stats, "chosen": _label(best), "failed": failed,
-                           "plot": png.name if png else None})
+                           "skipped": skipped, "plot": png.name if png else None})
         return best
 
     for stage in cfg.stages:
@@ -146,11 +171,14 @@ def _explore(cfg: ExploreConfig, out: Path, progress) -> dict:
 
 
 def report(cfg: ExploreConfig, summary: dict) -> str:
+    from ..planner import fmt_bytes
+
     lines = [f"# Design-space exploration ({cfg.model}; tasks {', '.join(t['name'] for t in cfg.tasks)}; "
              f"{cfg.samples} samples per candidate; backend {cfg.backend})", ""]
     for st in summary["stages"]:
         tasks = [t["name"] for t in cfg.tasks]
-        lines += [f"## Stage {st['stage']} — chosen: **{st['chosen']}**" + (f" ({st['failed']} failed trials)" if st["failed"] else ""), "",
+        lines += [f"## Stage {st['stage']} — chosen: **{st['chosen']}**" + (f" ({st['failed']} failed trials)" if st["failed"] else "")
+                  + (f" ({len(st['skipped'])} over the memory budget)" if st.get("skipped") else ""), "",
                   "| candidate | n | mean score | std | median | best | worst | " + " | ".join(f"mean {t}" for t in tasks) + " |",
                   "|---|" + "---:|" * (6 + len(tasks))]
         for lab, s in sorted(st["stats"].items(), key=lambda kv: -kv[1].get("mean", -1e9)):
@@ -158,6 +186,9 @@ def report(cfg: ExploreConfig, summary: dict) -> str:
                 per_task = " | ".join(f"{s.get('tasks', {}).get(t, float('nan')):.3f}" for t in tasks)
                 lines.append(f"| {lab} | {s['n']} | {s['mean']:.2f} | {s['std']:.2f} | {s['median']:.2f} | {s['best']:.2f} "
                              f"| {s['worst']:.2f} | {per_task} |")
+        if st.get("skipped"):
+            lines += ["", f"Not trained, predicted peak over the memory budget ({fmt_bytes(budget_bytes(cfg))}): "
+                      + ", ".join(f"{r['id']} ({fmt_bytes(r['predicted_peak'])})" for r in st["skipped"])]
         if st["plot"]:
             lines += ["", f"![EDF of error, stage {st['stage']}]({st['plot']})"]
         lines.append("")

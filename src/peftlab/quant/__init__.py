@@ -64,12 +64,19 @@ def is_quantized(module: nn.Module) -> bool:
     return _is_4bit(module) or _is_8bit(module)
 
 
+def _state4(module: nn.Module):
+    """A 4-bit linear's quantization state: on its weight, or on the module once FSDP has replaced the weight
+    by a sharded or gathered plain tensor (peftlab.train.sharding sets ``module.quant_state``)."""
+    st = getattr(module.weight, "quant_state", None)
+    return st if st is not None else module.quant_state
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) float weight a quantized linear computes with; a new frozen tensor, not a view."""
     bnb = _bnb()
     w = module.weight
     if _is_4bit(module):
-        out = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        out = bnb.functional.dequantize_4bit(w.data, _state4(module))
         return out.to(module.compute_dtype or torch.float32)
     if _is_8bit(module):
         return bnb.functional.int8_vectorwise_dequant(w.data, _int8_scales(module)).to(torch.float32)
@@ -86,7 +93,7 @@ def _int8_scales(module: nn.Module) -> torch.Tensor:
 def quantized_shape(module: nn.Module) -> list[int]:
     """The logical (out, in) shape of a quantized linear's weight (its storage is packed)."""
     if _is_4bit(module):
-        return list(module.weight.quant_state.shape)
+        return list(_state4(module).shape)
     return list(module.weight.shape)
 
 
@@ -129,7 +136,7 @@ def quantize_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str
 def requantize_like(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new quantized linear with ``module``'s scheme and settings holding ``weight`` ((out, in))."""
     if _is_4bit(module):
-        st = module.weight.quant_state
+        st = _state4(module)
         return quantize_linear(weight, module.bias, st.quant_type if hasattr(st, "quant_type") else "nf4",
                                double_quant=bool(st.nested), compute_dtype=module.compute_dtype or torch.float32,
                                blocksize=st.blocksize)

@@ -66,6 +66,7 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     find_unused_parameters: bool = False  # DDP option (needed by methods with side-effect gradients)
+    fsdp: bool = False  # shard the model across processes (FSDP2) instead of replicating it (DDP); docs/training.md
     progress: bool = True
     log_every: int | None = 50  # steps between train.log lines (loss, lr, steps/s, ETA); None = off
 
@@ -200,6 +201,7 @@ RULES: dict[str, tuple[str, typing.Callable]] = {
     "train.log_every": ("null or an integer >= 1", _opt(_at_least(1))),
     "train.progress": ("true or false", lambda v: isinstance(v, bool)),
     "train.find_unused_parameters": ("true or false", lambda v: isinstance(v, bool)),
+    "train.fsdp": ("true or false", lambda v: isinstance(v, bool)),
     "task.name": ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != ""),
     "task.train_limit": ("null or an integer >= 1", _opt(_at_least(1))),
     "task.eval_limit": ("null or an integer >= 1", _opt(_at_least(1))),

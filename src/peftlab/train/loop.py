@@ -3,7 +3,10 @@
 Data order is a pure function of (seed, epoch), and the loop state (step, best score, patience,
 history, RNG) is checkpointed, so a run killed at any point and resumed with ``resume=True`` ends
 with the same metrics as an uninterrupted one. Under ``accelerate launch`` each global batch is
-split across processes and gradients are averaged by DDP; evaluation runs on the main process.
+split across processes and gradients are averaged by DDP; evaluation runs on the main process. With
+``train.fsdp: true`` the model is sharded instead (FSDP2, :mod:`peftlab.train.sharding`); forwards and
+gathers are then collective, so every process evaluates and takes part in saving, and the main one writes.
+The logged loss is the mean over the processes (the global batch's loss).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import peftlab
 from .. import quant
 from ..errors import PeftlabError
 from ..lm_head import answer_loss, answer_scores
-from . import checkpoint, fs
+from . import checkpoint, fs, sharding
 from . import resume as resume_check
 from .config import ConfigError, RunConfig, load_config
 from .data import (
@@ -46,8 +49,10 @@ def _accelerator(cfg: RunConfig):
         from accelerate.utils import DistributedDataParallelKwargs
     except ImportError:  # pragma: no cover
         return None
-    # cpu=True on CPU-only machines makes launchers' WORLD_SIZE>1 a gloo process group (MULTI_CPU)
+    # cpu=True on CPU-only machines makes launchers' WORLD_SIZE>1 a gloo process group (MULTI_CPU); there
+    # accelerate ignores any FSDP request, and peftlab shards with torch's fully_shard (train/sharding.py)
     return Accelerator(cpu=not torch.cuda.is_available(),
+                       fsdp_plugin=sharding.accelerate_plugin() if cfg.train.fsdp else None,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)])
 
 
@@ -212,6 +217,18 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
     # batches (the same on every process), before the optimizer exists
     peftlab.before_training(model, _FirstEpoch(train_items, gbs, t.seed, tok.pad_token_id, data.kind == "regression"),
                             (lambda m, b: answer_loss(m, b, m)) if data.kind == "choice" else None)
+    # sharding comes after the data-driven choice above (it sees the whole model on every process)
+    by_acc = sharding.by_accelerate(acc)
+    # FSDP: every process evaluates and takes part in saving (forwards and gathers are collective)
+    sharded = by_acc or (sharding.requested(cfg.train.fsdp) and world > 1)
+    if sharded and not by_acc:
+        units = sharding.shard(model, acc.device.type, world)
+        if main:
+            mine, whole = sharding.held_bytes(model)
+            log.info("FSDP2 (torch fully_shard; accelerate does not shard on %s): %d blocks + root over %d processes; "
+                     "this process holds %d of %d parameter bytes", acc.device.type, units, world, mine, whole)
+    elif sharding.requested(cfg.train.fsdp) and world == 1 and main:
+        log.info("train.fsdp: one process, nothing to shard; training unsharded")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     # one group per (lr, weight decay): no decay on biases and norms; methods' wishes (LoRA+: B at λ·lr)
     opt = torch.optim.AdamW(peftlab.param_groups(model, lr=t.lr, weight_decay=t.weight_decay),
@@ -227,6 +244,11 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
         raise ConfigError(f"train.metric {metric!r} is not one of the task's metrics {names}")
     state = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "history": [], "train_time": 0.0, "loss_sum": 0.0,
              "loss_n": 0, "guard": {}}
+    if acc and not (sharded and not by_acc):  # DDP, or accelerate's FSDP (it shards here)
+        model, opt = acc.prepare(model, opt)
+    raw = acc.unwrap_model(model) if acc else model
+    if sharded:  # the sharded parameters replaced the model's own
+        params = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     if resume and ckpt is not None:
         state = checkpoint.load(ckpt, params, opt)  # restores the optimizer's current lr too
         sched.last_epoch = state["step"]
@@ -235,9 +257,6 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
             fs.write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state["history"]))
     elif main:
         fs.write_text(out / "metrics.jsonl", "")
-    if acc:
-        model, opt = acc.prepare(model, opt)
-    raw = acc.unwrap_model(model) if acc else model
     device = acc.device if acc else torch.device("cpu")
     regression = data.kind == "regression"
 
@@ -287,9 +306,11 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
                 stop_diverged(f"non-finite loss ({loss.item()})", step + 1)
             (acc.backward(loss / t.grad_accum) if acc else (loss / t.grad_accum).backward())
             loss_val += loss.item() / t.grad_accum
+        if world > 1:  # the global batch's loss: every process logs and checks the same value
+            loss_val = float(acc.reduce(torch.tensor([loss_val], device=device), reduction="mean").item())
         # the gradient norm is measured every step (max_norm inf: no clipping) for the divergence check
-        grad_norm = (acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(
-            list(params.values()), t.max_grad_norm or float("inf"))
+        grad_norm = sharding.full((acc.clip_grad_norm_ if acc else torch.nn.utils.clip_grad_norm_)(
+            list(params.values()), t.max_grad_norm or float("inf")))
         why = guard.check(loss_val, float(grad_norm))
         if why:
             stop_diverged(why, step + 1)
@@ -315,14 +336,15 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
         if step in eval_steps:
             if acc:
                 acc.wait_for_everyone()
-            if main:
+            if main or sharded:
                 metrics = evaluate(raw, tok, data, cfg)
                 rec = {"step": step, "epoch": step / steps_per_epoch, "train_loss": state["loss_sum"] / max(state["loss_n"], 1), **metrics}
                 state["loss_sum"], state["loss_n"] = 0.0, 0
                 state["history"].append(rec)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                log.info("eval %s", json.dumps(rec))
+                if main:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    log.info("eval %s", json.dumps(rec))
                 score = metrics.get(metric)
                 if score is None:
                     raise PeftlabError(f"train.metric {metric!r} is not one of the task's metrics {sorted(metrics)}")
@@ -331,14 +353,14 @@ def _train(cfg: RunConfig, acc, resume: bool, trust_remote_code: bool) -> dict:
                 elif state["best"] is None or score > state["best"]:
                     check_saveable(step)
                     state.update(best=score, best_step=step, bad_evals=0, best_metrics=metrics)
-                    _save_best(raw, out, cfg)
+                    _save_best(raw, out, cfg, write=main)
                 else:
                     state["bad_evals"] += 1
             save_now = True
-        if save_now and main:
+        if save_now and (main or sharded):
             check_saveable(step)
             state["train_time"] = time.perf_counter() - t0
-            checkpoint.save(out, {n: p for n, p in raw.named_parameters() if p.requires_grad}, opt, state)
+            checkpoint.save(out, {n: p for n, p in raw.named_parameters() if p.requires_grad}, opt, state, write=main)
         if acc and save_now:
             acc.wait_for_everyone()
         if t.patience is not None and step in eval_steps:
@@ -379,12 +401,19 @@ def _eta(seconds: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _save_best(model, out: Path, cfg: RunConfig) -> None:
-    """Write ``out/best`` atomically: into ``best.tmp``, then swapped in."""
+def _save_best(model, out: Path, cfg: RunConfig, write: bool = True) -> None:
+    """Write ``out/best`` atomically: into ``best.tmp``, then swapped in. A sharded model's full tensors are
+    gathered on every process (collective); only ``write`` (the main process) writes."""
     tmp = out / "best.tmp"
-    fs.remove(tmp, out)
+    if write:
+        fs.remove(tmp, out)
     if cfg.method == "full":
-        model.save_pretrained(tmp, safe_serialization=True)
+        own = model.state_dict()
+        full = {k: sharding.full(v) for k, v in own.items()}
+        if write:  # the gathered state only where the model is sharded (else transformers' own handling)
+            model.save_pretrained(tmp, safe_serialization=True,
+                                  state_dict=full if any(full[k] is not own[k] for k in own) else None)
     else:
-        peftlab.save(model, tmp)
-    fs.swap_dir(tmp, out / "best", out)
+        peftlab.save(model, tmp, write=write)
+    if write:
+        fs.swap_dir(tmp, out / "best", out)

@@ -17,6 +17,7 @@ HARMLESS = {
     "train.log_every": "train.log frequency only",
     "train.eval_batch_size": "evaluation speed and memory only",
     "train.save_every": "checkpoint frequency only",
+    "train.fsdp": "how the model is laid out across processes only (checkpoints hold full tensors)",
     "output_dir": "the same directory, spelled differently",
 }
 _UNSET = "<unset>"
