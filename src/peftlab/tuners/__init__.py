@@ -20,4 +20,9 @@ from . import (  # noqa: F401
     s4,
     sparsity,
     vera,
+    compacter,
+    mam,
+    p_tuning,
+    ssf,
+    unipelt,
 )

@@ -18,6 +18,11 @@ instead (prefixes for every layer handed to the model as ``past_key_values`` on 
 length for all layers; encoders and decoders), with equal outputs to peft. Supported: BERT/RoBERTa, GPT-2, LLaMA, OPT,
 BART (encoder and decoder self-attention). Cross-attention, T5 (shared relative position bias),
 DeBERTa-v2 and ViT attention do not use cache updates and are refused at attach time.
+
+``gate=True`` (UniPELT, Mao et al. 2022, §3): P_K, P_V are multiplied by G_P = σ(W_G x̄ + b_G) computed from
+the attention input x. Departure: x̄ is x averaged over the positions (padding included), so the gate is
+one scalar per sequence, which keeps the prefix a per-row key/value block (the paper leaves the pooling
+unstated; during cached generation it reads the positions of the current step). ``mode="attention"`` only.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ..core import adapter_parts, replace_shared, set_active, shared_modules, st
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter, adapter_key, cache_arg
+from ..slot import Adapter, adapter_key, add_gate, cache_arg, gate_of
 from ..targets import select
 
 SUPPORTED = ("bert", "gpt2", "llama", "opt", "bart")
@@ -97,6 +102,10 @@ class PrefixAttention(Adapter):
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         hs = a.get("hidden_states")
         pk, pv = self.shared.prefix(self.key)
+        gate = gate_of(self)
+        if gate is not None:  # one scalar per sequence: (b, 1, 1, 1) x (h, l, d) -> per-row prefixes
+            g = gate(hs.mean(dim=1))[:, :, None, None]
+            pk, pv = g * pk, g * pv
         inner = a.get(self.cache_key)
         if inner is not None and type(inner).__name__ == "EncoderDecoderCache":
             inner = inner.self_attention_cache
@@ -195,6 +204,7 @@ class PrefixConfig(MethodConfig):
     encoder_hidden: int = 512
     layer_lengths: dict[str, int] | None = None  # {layer index: prefix length} overrides
     mode: str = "attention"  # "attention" (per layer, positions unchanged) | "past" (peft-compatible)
+    gate: bool = False  # UniPELT's learned gate on the prefixes (mode="attention")
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +212,8 @@ class PrefixConfig(MethodConfig):
             raise ConfigError(f"PrefixConfig.mode: must be attention or past, got {self.mode!r}")
         if self.mode == "past" and (self.layers is not None or self.layer_lengths):
             raise ConfigError("PrefixConfig.mode: 'past' prefixes every layer with one length (no layers / layer_lengths)")
+        if self.mode == "past" and self.gate:
+            raise ConfigError("PrefixConfig.gate: only mode='attention' prefixes take a gate")
         if self.layer_lengths:  # JSON turns int keys into strings: normalise
             self.layer_lengths = {str(k): v for k, v in self.layer_lengths.items()}
 
@@ -249,7 +261,8 @@ class PrefixConfig(MethodConfig):
         sig = inspect.signature(target.module.forward)
         if self.mode == "past":
             return PrefixPast(list(ctx.shared.shapes), sig)
-        return PrefixAttention(_key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
+        adapter = PrefixAttention(_key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
+        return add_gate(adapter, ctx.hidden_size) if self.gate else adapter
 
 
 def materialize(model: nn.Module, name: str = "default") -> None:
