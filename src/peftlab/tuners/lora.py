@@ -24,9 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import FRACTION, POSITIVE, SIZE, MethodConfig, check_size
-from ..errors import ConfigError
+from ..errors import ConfigError, PeftlabError
 from ..registry import register
-from ..errors import PeftlabError
 from ..slot import add_gate, gate_of, linear_dims
 from .delta import DeltaAdapter
 

@@ -20,8 +20,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..registry import register
 from ..slot import Adapter
-from .bitfit import BitFitConfig
-from .bitfit import _out_size
+from .bitfit import BitFitConfig, _out_size
 
 
 class ScaleShift(Adapter):
