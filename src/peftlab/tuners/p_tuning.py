@@ -10,8 +10,8 @@ layout and defaults follow Hugging Face peft's ``p_tuning`` (h = d when ``encode
 E ~ N(0, 1); dropout between LSTM layers), so peft's weights load unchanged and give the same outputs.
 ``reparameterize=False`` stores P itself (peft's inference mode; what an import from peft's format
 gives, since peft saves only the encoder's output P as ``prompt_embeddings``).
-The LSTM runs as an unrolled recurrence over the p virtual tokens (the nn.LSTM's own weights), so the
-forward captures in one graph under ``torch.compile(fullgraph=True)``.
+The LSTM runs as an unrolled recurrence over the p virtual tokens on parameters named as nn.LSTM's
+(:class:`LSTMWeights`), so the forward captures in one graph under ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -31,27 +31,44 @@ from .prompt import InputPromptConfig, SoftPrompt
 ENCODERS = ("mlp", "lstm")
 
 
-def lstm_outputs(lstm: nn.LSTM, x: torch.Tensor) -> torch.Tensor:
-    """Outputs (p, 2h) of the bidirectional ``lstm`` on one sequence x (p, d), unrolled:
-    [i f g o] = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh;  c_t = σ(f) c_{t−1} + σ(i) tanh(g);  h_t = σ(o) tanh(c_t)."""
-    p, hidden = x.shape[0], lstm.hidden_size
-    for layer in range(lstm.num_layers):
-        if layer:
-            x = F.dropout(x, lstm.dropout, lstm.training)
-        outs = []
-        for suffix, steps in (("", range(p)), ("_reverse", range(p - 1, -1, -1))):
-            w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}{suffix}"), getattr(lstm, f"weight_hh_l{layer}{suffix}")
-            gx = F.linear(x, w_ih, getattr(lstm, f"bias_ih_l{layer}{suffix}") + getattr(lstm, f"bias_hh_l{layer}{suffix}"))
-            h = c = x.new_zeros(hidden)
-            seq = [h] * p
-            for t in steps:
-                i, f, g, o = (gx[t] + F.linear(h, w_hh)).chunk(4)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-                seq[t] = h
-            outs.append(torch.stack(seq))
-        x = torch.cat(outs, dim=-1)
-    return x
+class LSTMWeights(nn.Module):
+    """The parameters of a bidirectional nn.LSTM under nn.LSTM's names and init (U(−1/√h, 1/√h)), so its
+    state dict is interchangeable with one; a plain module because dynamo refuses to trace nn.LSTM."""
+
+    def __init__(self, d: int, hidden: int, layers: int, dropout: float):
+        super().__init__()
+        self.hidden_size, self.num_layers, self.dropout = hidden, layers, dropout
+        bound = hidden ** -0.5
+        for layer in range(layers):
+            d_in = d if layer == 0 else 2 * hidden
+            for suffix in ("", "_reverse"):
+                for name, shape in (("weight_ih", (4 * hidden, d_in)), ("weight_hh", (4 * hidden, hidden)),
+                                    ("bias_ih", (4 * hidden,)), ("bias_hh", (4 * hidden,))):
+                    self.register_parameter(f"{name}_l{layer}{suffix}",
+                                            nn.Parameter(torch.empty(shape).uniform_(-bound, bound)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs (p, 2h) on one sequence x (p, d), unrolled over the p positions (nn.LSTM's gate order):
+        [i f g o] = W_ih x_t + b_ih + W_hh h_{t−1} + b_hh;  c_t = σ(f) c_{t−1} + σ(i) tanh(g);  h_t = σ(o) tanh(c_t)."""
+        p = x.shape[0]
+        for layer in range(self.num_layers):
+            if layer:
+                x = F.dropout(x, self.dropout, self.training)
+            outs = []
+            for suffix, steps in (("", range(p)), ("_reverse", range(p - 1, -1, -1))):
+                w_hh = getattr(self, f"weight_hh_l{layer}{suffix}")
+                bias = getattr(self, f"bias_ih_l{layer}{suffix}") + getattr(self, f"bias_hh_l{layer}{suffix}")
+                gx = F.linear(x, getattr(self, f"weight_ih_l{layer}{suffix}"), bias)
+                h = c = x.new_zeros(self.hidden_size)
+                seq = [h] * p
+                for t in steps:
+                    i, f, g, o = (gx[t] + F.linear(h, w_hh)).chunk(4)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    seq[t] = h
+                outs.append(torch.stack(seq))
+            x = torch.cat(outs, dim=-1)
+        return x
 
 
 class PromptEncoderPrompt(SoftPrompt):
@@ -64,7 +81,7 @@ class PromptEncoderPrompt(SoftPrompt):
         self.embedding = nn.Embedding(p, d)
         self.encoder = encoder
         if encoder == "lstm":
-            self.lstm_head = nn.LSTM(d, hidden, num_layers=layers, dropout=dropout, bidirectional=True, batch_first=True)
+            self.lstm_head = LSTMWeights(d, hidden, layers, dropout)
             self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, d))
         elif encoder == "mlp":
             self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
@@ -74,7 +91,7 @@ class PromptEncoderPrompt(SoftPrompt):
     def prompt(self) -> torch.Tensor:
         e = self.embedding.weight
         if self.encoder == "lstm":
-            return self.mlp_head(lstm_outputs(self.lstm_head, e))
+            return self.mlp_head(self.lstm_head(e))
         if self.encoder == "mlp":
             return self.mlp_head(e)
         return e
