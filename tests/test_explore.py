@@ -157,3 +157,17 @@ def test_python_dash_m_peftlab_cli_knows_every_command():
     r = subprocess.run([sys.executable, "-m", "peftlab.cli", "explore", "--help"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "--backend" in r.stdout, r.stderr[-2000:]
+
+
+def test_exploration_over_hybrid_strategies(tiny_bert_dir, tmp_path):
+    """The hybrids are strategies of the design space: the strategies stage tries each per group."""
+    cfg = space_cfg(tiny_bert_dir, tmp_path / "ex", stages=["strategies"], samples=1,
+                    strategy_candidates=[["MAM"], ["UniPELT"], ["Compacter"]],
+                    space={"budget": 0.05, "groups": 2, "pattern": "uniform", "allocation": "uniform",
+                           "tuned_groups": [0, 1]})
+    summary = explore(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "ex" / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 3 and all("score" in r for r in recs), [r.get("error") for r in recs]
+    assert {json.dumps(r["s4"]["strategies"][0]) for r in recs if r["stage"] == "strategies-G1"} == {
+        '["MAM"]', '["UniPELT"]', '["Compacter"]'}
+    assert all(s[0] in ("MAM", "UniPELT", "Compacter") for s in summary["chosen"]["strategies"])
