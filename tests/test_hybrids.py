@@ -52,6 +52,26 @@ def test_mam_save_load_roundtrip(tmp_path):
     torch.testing.assert_close(_out(again, x), y, atol=1e-6, rtol=0)
 
 
+def test_mam_materialized_prefixes_save_and_load(tmp_path):
+    """``materialize`` turns MAM's prefix MLP into flat prefixes; the saved adapter is then a composition of the
+    flat prefix and the parallel adapter, with the same labels, and reloads with the same outputs."""
+    from peftlab.tuners.prefix import materialize
+
+    x = tiny_inputs("llama")
+    m = peftlab.attach(tiny_model("llama"), peftlab.get_config("mam", prefix_length=3, prefix_hidden=8, bottleneck=4))
+    _perturb(m)
+    y = _out(m, x)
+    materialize(m)
+    torch.testing.assert_close(_out(m, x), y, atol=1e-6, rtol=0)
+    cfg = peftlab.get_adapter_config(m)
+    assert cfg.method == "compose" and [p.method for p in cfg.parts] == ["prefix", "parallel_adapter"]
+    assert not cfg.parts[0].reparameterize
+    peftlab.save(m, tmp_path / "flat")
+    again = peftlab.load(tiny_model("llama"), tmp_path / "flat")
+    assert [label for label, _ in peftlab.adapter_parts(again)] == ["prefix", "parallel_adapter"]
+    torch.testing.assert_close(_out(again, x), y, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------- UniPELT gates
 def _set_gates(model, bias):
     with torch.no_grad():

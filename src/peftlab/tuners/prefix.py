@@ -269,16 +269,17 @@ def materialize(model: nn.Module, name: str = "default") -> None:
     """Replace the reparameterisation MLP of adapter ``name`` by the prefixes it produces; the adapter's
     prefix parts become ``reparameterize=False`` (so it saves and reloads as flat prefixes)."""
     st = state(model)
-    parts = []
+    parts, changed = [], False
     for label, part in adapter_parts(model, name):
         if isinstance(part, PrefixConfig) and part.reparameterize:
             key = adapter_key(name, label)
             replace_shared(model, key, shared_modules(model)[key].materialized())
-            part = dataclasses.replace(part, reparameterize=False)
+            part, changed = dataclasses.replace(part, reparameterize=False), True
         parts.append((label, part))
     st.parts[name] = parts
-    if isinstance(st.configs[name], PrefixConfig):
+    cfg = st.configs[name]
+    if isinstance(cfg, PrefixConfig):
         st.configs[name] = parts[0][1]
-    elif isinstance(st.configs[name], ComposeConfig):
-        st.configs[name] = dataclasses.replace(st.configs[name], parts=[p for _, p in parts])
+    elif changed and parts[0][0] is not None:  # a composite (compose, MAM, UniPELT): its now flat parts, same labels
+        st.configs[name] = ComposeConfig(parts=[p for _, p in parts], modules_to_save=cfg.modules_to_save)
     set_active(model, list(st.active))  # the new prefixes train like the MLP did
