@@ -164,7 +164,11 @@ def test_compacter_pp_placement_phm_variant_and_divisibility():
     assert names == [f"model.layers.{i}.mlp.down_proj" for i in range(4)]  # after the FFN only
     assert next(a for _, a in part_adapters(m, "default")).down.w.shape == (4, 8, 2)
     with pytest.raises(peftlab.ConfigError, match="phm_dim"):
-        peftlab.attach(tiny_model("llama"), peftlab.get_config("compacter", phm_dim=3))
+        peftlab.attach(tiny_model("llama"), peftlab.get_config("compacter", phm_dim=3))  # 3 does not divide d = 32
+    with pytest.raises(peftlab.ConfigError, match="phm_dim"):
+        peftlab.attach(tiny_model("llama"), peftlab.get_config("compacter", bottleneck=6))
+    dflt = peftlab.attach(tiny_model("llama"), peftlab.get_config("compacter"))  # d/32 = 1, rounded up to n = 4
+    assert next(a for _, a in part_adapters(dflt, "default")).down.bias.shape == (4,)
 
 
 # ---------------------------------------------------------------- SSF

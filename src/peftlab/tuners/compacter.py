@@ -12,8 +12,9 @@ slot adapter reads them as ``self.shared.rule``. Placement: ``houlsby`` (after a
 Compacter) or ``pfeiffer`` (after the FFN only: Compacter++). Defaults as adapter-transformers'
 ``CompacterConfig``: n = 4, r = 1, reduction factor 32, GELU, A ~ N(0, 0.0001²) per entry,
 Glorot-uniform factors. Departure: ``init="zero"`` (default) zeroes the up projection's s_i so the model
-starts exactly at the base (``init="glorot"``: adapters' init, all factors Glorot-uniform). The bottleneck
-m and d must be divisible by n. Parameters per adapter: (d/n + m/n)·r·n·2 + m + d (factorized), plus n³
+starts exactly at the base (``init="glorot"``: adapters' init, all factors Glorot-uniform). d and an
+explicit bottleneck m must be divisible by n; m from ``reduction_factor`` is rounded down to a multiple
+of n (at least n). Parameters per adapter: (d/n + m/n)·r·n·2 + m + d (factorized), plus n³
 shared. Not mergeable (the update is non-linear).
 """
 
@@ -107,6 +108,9 @@ class CompacterConfig(AdapterConfig):
     def _sizes(self, target) -> tuple[int, int]:
         d = linear_dims(target.module)[1]
         m = bottleneck_for(self, d, target.layer)
+        explicit = self.bottleneck is not None or str(target.layer) in (self.layer_bottleneck or {})
+        if not explicit:  # d / reduction_factor, rounded down to a multiple of n (at least n)
+            m = max(self.phm_dim, m // self.phm_dim * self.phm_dim)
         for what, v in (("the hidden size", d), ("the bottleneck", m)):
             if v % self.phm_dim:
                 raise ConfigError(f"CompacterConfig.phm_dim={self.phm_dim} must divide {what} ({v}) at {target.name}")
