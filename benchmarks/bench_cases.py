@@ -211,3 +211,28 @@ CASES.update({
                  "peft": None, "ref": "lora"},
     "diff_pruning": {"ours": lambda m: peftlab.attach(m, peftlab.get_config("diff_pruning")), "peft": None, "ref": "lora"},
 })
+
+# ---- issue 19: hybrids on the composition mechanism and the survey's additive extras
+def _p_tuning_peft(encoder):
+    def build(m):
+        import peft
+
+        return _peft(m, peft.PromptEncoderConfig(num_virtual_tokens=20, encoder_reparameterization_type=encoder,
+                                                 encoder_hidden_size=m.config.hidden_size, task_type="SEQ_CLS"))
+
+    return build
+
+
+def _plain(method, **kw):
+    return lambda m: peftlab.attach(m, peftlab.get_config(method, **kw))
+
+
+CASES.update({
+    "p_tuning": {"ours": _plain("p_tuning", num_virtual_tokens=20), "peft": _p_tuning_peft("MLP"), "ref": "lora"},
+    "p_tuning_lstm": {"ours": _plain("p_tuning", num_virtual_tokens=20, encoder="lstm"),
+                      "peft": _p_tuning_peft("LSTM"), "ref": "lora"},
+    "mam": {"ours": _plain("mam"), "peft": None, "ref": "lora"},
+    "unipelt": {"ours": _plain("unipelt"), "peft": None, "ref": "lora"},
+    "compacter": {"ours": _plain("compacter", placement="pfeiffer"), "peft": None, "ref": "lora"},
+    "ssf": {"ours": _plain("ssf"), "peft": None, "ref": "lora"},
+})

@@ -208,3 +208,17 @@ def test_cli_explore_budget(tiny_bert_dir, tmp_path, capsys):
     rc, out, err = cli(capsys, "explore", str(p), "memory_budget=2KiB")
     assert_one_line_error(rc, err, "over the memory budget")
     assert out.count("SKIPPED predicted peak") == 5 and "exceeds the memory budget 2.00 KiB" in out
+
+
+def test_exploration_over_hybrid_strategies(tiny_bert_dir, tmp_path):
+    """The hybrids are strategies of the design space: the strategies stage tries each per group."""
+    cfg = space_cfg(tiny_bert_dir, tmp_path / "ex", stages=["strategies"], samples=1,
+                    strategy_candidates=[["MAM"], ["UniPELT"], ["Compacter"]],
+                    space={"budget": 0.05, "groups": 2, "pattern": "uniform", "allocation": "uniform",
+                           "tuned_groups": [0, 1]})
+    summary = explore(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "ex" / "trials.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 3 and all("score" in r for r in recs), [r.get("error") for r in recs]
+    assert {json.dumps(r["s4"]["strategies"][0]) for r in recs if r["stage"] == "strategies-G1"} == {
+        '["MAM"]', '["UniPELT"]', '["Compacter"]'}
+    assert all(s[0] in ("MAM", "UniPELT", "Compacter") for s in summary["chosen"]["strategies"])

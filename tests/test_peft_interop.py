@@ -135,3 +135,48 @@ def test_minilm_roundtrip_both_ways(minilm, tmp_path):
     theirs.save_pretrained(tmp_path / "q")
     back = peftlab.import_peft(copy.deepcopy(minilm), tmp_path / "q")
     assert (out(back, x) - out(ours, x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_roundtrip_both_ways(encoder, family, tmp_path):
+    """peft stores a P-tuning adapter as its encoder's output (``prompt_embeddings``): ours exports that, and
+    imports it as a prompt without encoder (peft's inference mode) with the same outputs; and back again."""
+    from safetensors.torch import load_file
+
+    base = tiny_model(family)
+    x = tiny_inputs(family)
+    ours = peftlab.attach(copy.deepcopy(base), peftlab.get_config("p_tuning", num_virtual_tokens=3, encoder=encoder,
+                                                                   encoder_hidden=8))
+    _randomize(ours)
+    peftlab.export_peft(ours, tmp_path / "p")
+    saved = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    assert saved["prompt_embeddings"].shape == (3, 32)
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["peft_type"] == "P_TUNING"
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    y = out(ours, x)
+    z = out(theirs, x)
+    assert (y - (z if z.shape == y.shape else z[:, 3:])).abs().max().item() <= 1e-5
+    assert (y - out(base, x)).abs().max().item() > 1e-4
+    # peft -> ours: a peft-trained (randomised) encoder, saved by peft
+    task = "SEQ_CLS" if family == "bert" else "CAUSAL_LM"
+    trained = peft.get_peft_model(copy.deepcopy(base), peft.PromptEncoderConfig(
+        task_type=task, num_virtual_tokens=3, encoder_reparameterization_type=encoder.upper(), encoder_hidden_size=8))
+    _randomize_all(trained.prompt_encoder)
+    trained.eval().save_pretrained(tmp_path / "q")
+    imported = peftlab.import_peft(copy.deepcopy(base), tmp_path / "q")
+    cfg = peftlab.get_adapter_config(imported)
+    assert cfg.method == "p_tuning" and not cfg.reparameterize and cfg.encoder == encoder
+    t = out(trained, x)
+    y = out(imported, x)
+    assert (y - (t if t.shape == y.shape else t[:, 3:])).abs().max().item() <= 1e-5
+    peftlab.export_peft(imported, tmp_path / "r")
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "r").eval()
+    assert (out(again, x) - t).abs().max().item() <= 1e-5
+
+
+def _randomize_all(module, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)

@@ -63,3 +63,30 @@ def test_same_outputs_as_peft_minilm(method, minilm):
     with torch.no_grad():
         a, b = output_tensor(ours(**inputs)), output_tensor(twin(**inputs))
     assert (a - b).abs().max().item() <= 1e-5
+
+
+P_TUNING_FAMILIES = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "opt": "CAUSAL_LM"}
+
+
+@pytest.mark.parametrize("family", list(P_TUNING_FAMILIES))
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_same_outputs_as_peft(encoder, family):
+    """peft's prompt encoder weights (embedding, LSTM, MLP head) load into ours unchanged; same outputs.
+    For decoders peft's logits also cover the p virtual positions, which ours strip."""
+    base = tiny_model(family)
+    inputs = tiny_inputs(family)
+    twin = peft.get_peft_model(copy.deepcopy(base), peft.PromptEncoderConfig(
+        task_type=P_TUNING_FAMILIES[family], num_virtual_tokens=4, encoder_reparameterization_type=encoder,
+        encoder_hidden_size=12)).eval()
+    ours = peftlab.attach(copy.deepcopy(base), peftlab.get_config("p_tuning", num_virtual_tokens=4,
+                                                                   encoder=encoder.lower(), encoder_hidden=12))
+    (slot,) = [s for _, s in peftlab.core.slots(ours)]
+    with torch.no_grad():
+        for p in twin.prompt_encoder["default"].parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+        slot.adapters["default"].load_state_dict(twin.prompt_encoder["default"].state_dict())
+        if family == "bert":
+            ours.classifier.load_state_dict(twin.base_model.classifier.modules_to_save["default"].state_dict())
+        a, b = output_tensor(ours(**inputs)), output_tensor(twin(**inputs))
+    b = b if b.shape == a.shape else b[:, 4:]
+    assert (a - b).abs().max().item() <= 1e-5

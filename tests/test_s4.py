@@ -120,3 +120,25 @@ def test_save_load_and_json_roundtrip(tmp_path):
     fresh = tiny_model("gpt2")
     peftlab.load(fresh, tmp_path / "s4")
     assert torch.allclose(output_tensor(fresh(**x)), y, atol=1e-6)
+
+
+def test_hybrid_strategies_expand_into_their_methods():
+    """MAM = P + R, UniPELT = gated A + P + L, Compacter = C: each group gets the hybrid's parts, sized
+    from the group's budget like the paper's strategies, and the whole stays within the budget."""
+    m = tiny_model("bert")
+    x = tiny_inputs("bert")
+    s4 = peftlab.get_config("s4", budget=0.05, strategies=[["MAM"], ["UniPELT"], ["Compacter", "B"], ["L", "MAM"]])
+    peftlab.attach(m, s4)
+    plan = s4.plan(m)
+    rows = plan["layers"]
+    assert rows[0]["components"] == ["P", "R"] and rows[1]["components"] == ["gA", "gP", "gL"]
+    assert rows[2]["compacter_width"] % 4 == 0 and rows[3]["components"] == ["L", "P", "R"]
+    parts = peftlab.adapter_parts(m)
+    by = {(p.method, getattr(p, "gate", False)): p.layers for _, p in parts}
+    assert by[("prefix", False)] == [0, 3] and by[("parallel_adapter", False)] == [0, 3]
+    assert by[("adapter", True)] == by[("prefix", True)] == by[("lora", True)] == [1]
+    assert by[("compacter", False)] == [2] and by[("bitfit", False)] == [2]
+    assert peftlab.report(m).adapters[0].params <= plan["budget"]
+    output_tensor(m(**x)).pow(2).mean().backward()
+    with pytest.raises(peftlab.ConfigError, match="hybrid"):
+        peftlab.get_config("s4", strategies=[["X"], ["A"], ["A"], ["A"]])

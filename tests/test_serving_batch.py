@@ -225,3 +225,17 @@ def test_lora_family_never_runs_per_adapter_forwards(monkeypatch):
         out = output_tensor(m(**inputs))
     for i, r in enumerate(ref):
         torch.testing.assert_close(out[i:i + 1], r, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_parts_and_p_tuning_rows():
+    """UniPELT's gated LoRA / adapter run their own (gated) forward on their rows; P-tuning rows gather the
+    encoder's output like soft prompts."""
+    m = _attach(tiny_model("bert"), {
+        "g": peftlab.compose(peftlab.LoRAConfig(r=4, gate=True), peftlab.get_config("adapter", bottleneck=8, gate=True)),
+        "l": peftlab.LoRAConfig(r=4),
+    })
+    _check_forward(m, tiny_inputs("bert", batch=4), ["g", "l", None, "g"])
+    pt = _attach(tiny_model("llama"), {"a": peftlab.get_config("p_tuning", num_virtual_tokens=3, encoder="lstm",
+                                                                encoder_hidden=8),
+                                       "b": peftlab.get_config("p_tuning", num_virtual_tokens=3)})
+    _check_forward(pt, tiny_inputs("llama", batch=3), ["a", "b", "a"])

@@ -68,6 +68,17 @@ def _as_config(p, i: int) -> MethodConfig:
     return p
 
 
+class UnionConfig(MethodConfig):
+    """Base of named unions with fixed parts (MAM, UniPELT): a subclass lists its parts in :meth:`parts`
+    from its own fields; attaching expands them like a :class:`ComposeConfig` (each part checks the model)."""
+
+    def parts(self) -> list[MethodConfig]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def expand(self, model: nn.Module) -> list[tuple[str, MethodConfig]]:
+        return ComposeConfig(parts=self.parts(), modules_to_save=self.modules_to_save).expand(model)
+
+
 def compose(*configs: MethodConfig, modules_to_save: list[str] | None = None) -> ComposeConfig:
     """One config uniting ``configs`` (each keeps its own targets and hyper-parameters)."""
     return ComposeConfig(parts=list(configs), modules_to_save=modules_to_save)

@@ -94,6 +94,32 @@ def bind_shared(adapter: nn.Module, shared: nn.Module | None) -> None:
     adapter.__dict__["_peftlab_shared"] = shared
 
 
+class Gate(nn.Module):
+    """A learned gate on an adapter's contribution (UniPELT, Mao et al. 2022, §3):
+    G = σ(W_G x + b_G), one scalar per position of the input x it reads."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(x))
+
+
+def add_gate(adapter: nn.Module, d: int) -> nn.Module:
+    """Give ``adapter`` a :class:`Gate` reading a d-dimensional input (its own submodule, saved with it).
+    Only adapters that read ``gate_of(self)`` in their forward honour it; a gated adapter is not mergeable
+    (its update depends on the input)."""
+    adapter.gate = Gate(d)
+    adapter.mergeable = False
+    return adapter
+
+
+def gate_of(adapter: nn.Module) -> nn.Module | None:
+    """The adapter's gate, or None (a static module lookup: no graph break under torch.compile)."""
+    return adapter._modules.get("gate")
+
+
 # ---------------------------------------------------------------- adapter keys
 # A slot (and ``model.peftlab_shared``) stores adapter ``name``'s modules under the key ``name``, or
 # ``name__<part>`` for the labelled parts of a composite config (ModuleDict keys cannot contain '.').

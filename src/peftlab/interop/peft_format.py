@@ -88,16 +88,28 @@ def to_peft_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     out = {}
     for path, ad in _adapters(model, name).items():
         for k, v in ad.to_peft_tensors().items():
-            out[f"{PREFIX}{path}.{k}"] = v.detach()
+            out[_peft_key(ad, path, k)] = v.detach()
+    head = _head_prefix(model, name)
     for h in state(model).heads.get(name, []):
         for k, v in resolve_module(model, h).state_dict().items():
-            out[f"{PREFIX}{h}.{k}"] = v.detach()
+            out[f"{head}{h}.{k}"] = v.detach()
     for sh in _shared(model, name):  # tensors shared by all layers (VeRA's A, B): peft keys "base_model.<name>"
         out.update({f"{SHARED_PREFIX}{k}": v.detach() for k, v in sh.to_peft_tensors().items()})
     return out
 
 
 SHARED_PREFIX = "base_model."
+
+
+def _peft_key(adapter: nn.Module, path: str, key: str) -> str:
+    """peft's key of tensor ``key`` of the adapter at module ``path``; prompt learners (``peft_toplevel``)
+    store theirs without a module path (e.g. ``prompt_embeddings``)."""
+    return key if getattr(adapter, "peft_toplevel", False) else f"{PREFIX}{path}.{key}"
+
+
+def _head_prefix(model: nn.Module, name: str) -> str:
+    """peft wraps the model once more (``base_model.model.``) except for prompt learners (``base_model.``)."""
+    return SHARED_PREFIX if any(getattr(a, "peft_toplevel", False) for a in _adapters(model, name).values()) else PREFIX
 
 
 def _shared(model: nn.Module, name: str) -> list[nn.Module]:
@@ -187,20 +199,24 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
             break
     if cls is None:
         raise UnknownMethodError(f"{path}: peft_type {d.get('peft_type')!r} (use_dora={d.get('use_dora')}) has no peftlab equivalent")
-    targets = resolve(d.get("target_modules") or [])
-    if not targets:
+    # prompt learners select their own (input-stack) targets: from_peft_fields returns targets=None
+    targets = fields.pop("targets") if "targets" in fields else resolve(d.get("target_modules") or [])
+    if targets is not None and not targets:
         raise IncompatibleAdapterError(f"{path}: target_modules {d.get('target_modules')!r} match no "
                                        f"{'/'.join(cls.accepts)} module of this model")
     all_names = {n for n, _ in walk(model)}
-    mts = [m for m in (d.get("modules_to_save") or []) if m in all_names or any(n.endswith("." + m) for n in all_names)]
+    mts = [m for m in dict.fromkeys(d.get("modules_to_save") or [])
+           if m in all_names or any(n.endswith("." + m) for n in all_names)]
     config = cls.from_dict({**fields, "targets": targets, "modules_to_save": mts})
     with transaction(model, name):  # on any failure the model is as before
         attach(model, config, name)
         used = set()
         with torch.no_grad():
             for p, ad in _adapters(model, name).items():
-                sub = {k[len(PREFIX) + len(p) + 1:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{p}.")}
-                used |= {f"{PREFIX}{p}.{k}" for k in sub}
+                pre = _peft_key(ad, p, "")
+                sub = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)
+                       and (pre or not k.startswith(SHARED_PREFIX))}
+                used |= {pre + k for k in sub}
                 try:
                     ours = ad.from_peft_tensors(sub)
                 except KeyError as e:
@@ -220,9 +236,10 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
                     own[k].copy_(v)
                     used.add(SHARED_PREFIX + k)
             msd = model.state_dict()
+            head = _head_prefix(model, name)
             for h in state(model).heads.get(name, []):
                 for k in resolve_module(model, h).state_dict():
-                    key = f"{PREFIX}{h}.{k}"
+                    key = f"{head}{h}.{k}"
                     if key in tensors:
                         if msd[f"{h}.{k}"].shape != tensors[key].shape:
                             raise IncompatibleAdapterError(f"head {h}.{k}: shape mismatch")
@@ -233,7 +250,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, name: str = "default"
         with torch.no_grad():
             for h in state(model).heads.get(name, []):
                 for k in resolve_module(model, h).state_dict():
-                    key = f"{PREFIX}{h}.{k}"
+                    key = f"{head}{h}.{k}"
                     if key in tensors:
                         msd[f"{h}.{k}"].copy_(tensors[key])
     return model

@@ -33,6 +33,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..slot import gate_of
+
 _KINDS: dict[type, str] = {}
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 BUILDS = {"count": 0}  # number of stack (re)builds, for tests and the benchmark
@@ -47,6 +49,8 @@ def register_kind(cls: type, kind: str) -> type:
 
 
 def kind_of(adapter: nn.Module) -> str | None:
+    if gate_of(adapter) is not None:  # a gated (UniPELT) part: its own forward, on its rows
+        return "rowwise"
     for c in type(adapter).__mro__:
         if c in _KINDS:
             return _KINDS[c]

@@ -15,13 +15,15 @@ Init: ``"zero"`` (default; Kaiming-uniform W_down, zero W_up and biases, an exac
 ``"bert"`` (adapter-transformers / the S4 code: N(0, 0.02²) for both weights, zero biases; close to
 but not exactly the base model). Width: ``bottleneck`` m, or d / ``reduction_factor``; per-layer
 overrides in ``layer_bottleneck`` {layer index: m}. Parameters per adapter: 2dm + m + d.
-Not mergeable (the update is non-linear).
+Not mergeable (the update is non-linear). ``gate=True`` (UniPELT, Mao et al. 2022):
+h ← h + G_A(h)·a(h), G_A = σ(W_G h + b_G) one scalar per position (:class:`peftlab.slot.Gate`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +32,7 @@ from torch.nn import functional as F
 from ..config import POSITIVE, SIZE, MethodConfig
 from ..errors import ConfigError
 from ..registry import register
-from ..slot import Adapter, linear_dims
+from ..slot import Adapter, add_gate, gate_of, linear_dims
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -64,6 +66,9 @@ class SerialAdapter(Adapter):
 
     def forward(self, slot, base_fn, x):
         h = base_fn(x)
+        gate = gate_of(self)
+        if gate is not None:
+            return h + gate(h) * self.adapter(h)
         return h + self.adapter(h)
 
 
@@ -93,6 +98,7 @@ class AdapterConfig(MethodConfig):
     method = "adapter"
     default_roles = ("o", "cross_o", "ffn_out")
     limits = BOTTLENECK_LIMITS
+    inits: ClassVar[tuple[str, ...]] = ("zero", "bert")
 
     placement: str = "houlsby"
     bottleneck: int | None = None
@@ -100,13 +106,14 @@ class AdapterConfig(MethodConfig):
     activation: str = "relu"
     init: str = "zero"
     layer_bottleneck: dict[str, int] | None = None
+    gate: bool = False  # UniPELT's learned gate on the adapter's output
 
     def validate(self) -> None:
         super().validate()
         if self.placement not in ("houlsby", "pfeiffer"):
             raise ConfigError(f"AdapterConfig.placement: must be houlsby or pfeiffer, got {self.placement!r}")
-        if self.init not in ("zero", "bert"):
-            raise ConfigError(f"AdapterConfig.init: must be zero or bert, got {self.init!r}")
+        if self.init not in self.inits:
+            raise ConfigError(f"{type(self).__name__}.init: must be one of {self.inits}, got {self.init!r}")
         check_bottleneck_fields(self)
 
     def default_targets(self, model):
@@ -114,12 +121,13 @@ class AdapterConfig(MethodConfig):
 
     def make_adapter(self, target, ctx):
         _, d_out = linear_dims(target.module)
-        return SerialAdapter(d_out, bottleneck_for(self, d_out, target.layer), self.activation, self.init)
+        adapter = SerialAdapter(d_out, bottleneck_for(self, d_out, target.layer), self.activation, self.init)
+        return add_gate(adapter, d_out) if self.gate else adapter
 
     def formula_count(self, ctx) -> int:
         total = 0
         for t in ctx.targets:
             d = linear_dims(t.module)[1]
             m = bottleneck_for(self, d, t.layer)
-            total += 2 * d * m + m + d
+            total += 2 * d * m + m + d + (d + 1 if self.gate else 0)
         return total

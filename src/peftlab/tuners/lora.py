@@ -8,6 +8,9 @@ base, LoRA innermost in its slot) base and update run as one autograd function, 
 hand-written backward folds the update's input gradient into the base's (``gx = g W₀ + s·(g B) A``,
 one in-place ``addmm``) and saves only x and the rank-r activation A x. Otherwise the update is
 added to ``base_fn(x)`` with one ``addmm`` (no separate scale and add kernels).
+
+``gate=True`` (UniPELT, Mao et al. 2022): h = W₀x + G_L(x)·(α/r)·B A x with G_L = σ(W_G x + b_G) one
+scalar per position (:class:`peftlab.slot.Gate`); a gated LoRA is not mergeable and has no peft equivalent.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import FRACTION, POSITIVE, SIZE, MethodConfig, check_size
-from ..errors import ConfigError
+from ..errors import ConfigError, PeftlabError
 from ..registry import register
-from ..slot import linear_dims
+from ..slot import add_gate, gate_of, linear_dims
 from .delta import DeltaAdapter
 
 
@@ -46,6 +49,9 @@ class LoRALayer(DeltaAdapter):  # merge/unmerge: W ± ΔW
             return _LinearLoRA.apply(x, slot.weight_oi(), slot.bias, self.lora_A, self.lora_B, self.scale)
         y = base_fn(x)
         h = F.linear(self.dropout(x), self.lora_A)
+        gate = gate_of(self)
+        if gate is not None:
+            return y + gate(x) * F.linear(h, self.lora_B) * self.scale
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
         return out.view(y.shape)
 
@@ -67,7 +73,7 @@ def _fusable(lora: LoRALayer, slot, base_fn, x: torch.Tensor) -> bool:
     """
     base = slot.base  # exact types: quantized nn.Linear subclasses keep the generic path
     plain = type(base) is nn.Linear or type(base).__name__ == "Conv1D"
-    if base_fn is not base or not plain or type(lora.dropout) is not nn.Identity:
+    if base_fn is not base or not plain or type(lora.dropout) is not nn.Identity or gate_of(lora) is not None:
         return False
     if base._forward_hooks or base._forward_pre_hooks or torch.is_autocast_enabled(x.device.type):
         return False
@@ -120,6 +126,7 @@ class LoRAConfig(MethodConfig):
     use_rslora: bool = False
     # "default": A Kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r²); "pissa"/"olora": from W (lora_init.py)
     init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    gate: bool = False  # UniPELT's learned gate on the update
 
     def validate(self) -> None:
         super().validate()
@@ -127,6 +134,8 @@ class LoRAConfig(MethodConfig):
             raise ConfigError(f"{type(self).__name__}.init must be default, gaussian, pissa or olora, got {self.init!r}")
         if self.init != "default" and type(self).make_adapter is not LoRAConfig.make_adapter:
             raise ConfigError(f"{type(self).__name__}.init={self.init!r}: only LoRA (and LoRA+) take an init option")
+        if self.gate and (self.init in ("pissa", "olora") or type(self).make_adapter is not LoRAConfig.make_adapter):
+            raise ConfigError(f"{type(self).__name__}.gate: only plain LoRA (init='default' or 'gaussian') takes a gate")
 
     @property
     def scale(self) -> float:
@@ -143,12 +152,15 @@ class LoRAConfig(MethodConfig):
         layer = LoRALayer(d_in, d_out, self.r, self.scale, self.dropout)
         if self.init == "gaussian":
             nn.init.normal_(layer.lora_A, std=1 / self.r)
-        return layer
+        return add_gate(layer, d_in) if self.gate else layer
 
     def formula_count(self, ctx) -> int:
-        return sum(self.r * sum(linear_dims(t.module)) for t in ctx.targets)
+        gate = sum(linear_dims(t.module)[0] + 1 for t in ctx.targets) if self.gate else 0
+        return sum(self.r * sum(linear_dims(t.module)) for t in ctx.targets) + gate
 
     def to_peft_fields(self, adapters):
+        if self.gate:
+            raise PeftlabError("a gated LoRA (gate=True) has no equivalent in peft's format")
         r, alpha = self.r, self.r if self.alpha is None else self.alpha
         if self.init in ("pissa", "olora"):  # written as the converted plain delta s(BA − B₀A₀): rank 2r, same scale
             r, alpha = 2 * r, alpha * (math.sqrt(2) if self.use_rslora else 2)

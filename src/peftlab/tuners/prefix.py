@@ -18,6 +18,11 @@ instead (prefixes for every layer handed to the model as ``past_key_values`` on 
 length for all layers; encoders and decoders), with equal outputs to peft. Supported: BERT/RoBERTa, GPT-2, LLaMA, OPT,
 BART (encoder and decoder self-attention). Cross-attention, T5 (shared relative position bias),
 DeBERTa-v2 and ViT attention do not use cache updates and are refused at attach time.
+
+``gate=True`` (UniPELT, Mao et al. 2022, §3): P_K, P_V are multiplied by G_P = σ(W_G x̄ + b_G) computed from
+the attention input x. Departure: x̄ is x averaged over the positions (padding included), so the gate is
+one scalar per sequence, which keeps the prefix a per-row key/value block (the paper leaves the pooling
+unstated; during cached generation it reads the positions of the current step). ``mode="attention"`` only.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from ..core import adapter_parts, replace_shared, set_active, shared_modules, st
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter, adapter_key, cache_arg
+from ..slot import Adapter, adapter_key, add_gate, cache_arg, gate_of
 from ..targets import select
 
 SUPPORTED = ("bert", "gpt2", "llama", "opt", "bart")
@@ -97,6 +102,10 @@ class PrefixAttention(Adapter):
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
         hs = a.get("hidden_states")
         pk, pv = self.shared.prefix(self.key)
+        gate = gate_of(self)
+        if gate is not None:  # one scalar per sequence: (b, 1, 1, 1) x (h, l, d) -> per-row prefixes
+            g = gate(hs.mean(dim=1))[:, :, None, None]
+            pk, pv = g * pk, g * pv
         inner = a.get(self.cache_key)
         if inner is not None and type(inner).__name__ == "EncoderDecoderCache":
             inner = inner.self_attention_cache
@@ -195,6 +204,7 @@ class PrefixConfig(MethodConfig):
     encoder_hidden: int = 512
     layer_lengths: dict[str, int] | None = None  # {layer index: prefix length} overrides
     mode: str = "attention"  # "attention" (per layer, positions unchanged) | "past" (peft-compatible)
+    gate: bool = False  # UniPELT's learned gate on the prefixes (mode="attention")
 
     def validate(self) -> None:
         super().validate()
@@ -202,6 +212,8 @@ class PrefixConfig(MethodConfig):
             raise ConfigError(f"PrefixConfig.mode: must be attention or past, got {self.mode!r}")
         if self.mode == "past" and (self.layers is not None or self.layer_lengths):
             raise ConfigError("PrefixConfig.mode: 'past' prefixes every layer with one length (no layers / layer_lengths)")
+        if self.mode == "past" and self.gate:
+            raise ConfigError("PrefixConfig.gate: only mode='attention' prefixes take a gate")
         if self.layer_lengths:  # JSON turns int keys into strings: normalise
             self.layer_lengths = {str(k): v for k, v in self.layer_lengths.items()}
 
@@ -249,23 +261,25 @@ class PrefixConfig(MethodConfig):
         sig = inspect.signature(target.module.forward)
         if self.mode == "past":
             return PrefixPast(list(ctx.shared.shapes), sig)
-        return PrefixAttention(_key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
+        adapter = PrefixAttention(_key(target.name), bool(getattr(target.module, "is_causal", False)), sig)
+        return add_gate(adapter, ctx.hidden_size) if self.gate else adapter
 
 
 def materialize(model: nn.Module, name: str = "default") -> None:
     """Replace the reparameterisation MLP of adapter ``name`` by the prefixes it produces; the adapter's
     prefix parts become ``reparameterize=False`` (so it saves and reloads as flat prefixes)."""
     st = state(model)
-    parts = []
+    parts, changed = [], False
     for label, part in adapter_parts(model, name):
         if isinstance(part, PrefixConfig) and part.reparameterize:
             key = adapter_key(name, label)
             replace_shared(model, key, shared_modules(model)[key].materialized())
-            part = dataclasses.replace(part, reparameterize=False)
+            part, changed = dataclasses.replace(part, reparameterize=False), True
         parts.append((label, part))
     st.parts[name] = parts
-    if isinstance(st.configs[name], PrefixConfig):
+    cfg = st.configs[name]
+    if isinstance(cfg, PrefixConfig):
         st.configs[name] = parts[0][1]
-    elif isinstance(st.configs[name], ComposeConfig):
-        st.configs[name] = dataclasses.replace(st.configs[name], parts=[p for _, p in parts])
+    elif changed and parts[0][0] is not None:  # a composite (compose, MAM, UniPELT): its now flat parts, same labels
+        st.configs[name] = ComposeConfig(parts=[p for _, p in parts], modules_to_save=cfg.modules_to_save)
     set_active(model, list(st.active))  # the new prefixes train like the MLP did

@@ -29,16 +29,21 @@ from ..slot import Adapter, cache_arg
 
 
 class SoftPrompt(Adapter):
-    def __init__(self, prompt: torch.Tensor, strip: bool, signature: inspect.Signature):
+    """Prepends ``self.prompt`` (p, d) to the input embeddings. ``prompt=None``: a subclass computes it
+    (P-tuning's prompt encoder) and defines ``prompt`` as a property."""
+
+    def __init__(self, prompt: torch.Tensor | None, strip: bool, signature: inspect.Signature):
         super().__init__()
-        self.prompt = nn.Parameter(prompt)
+        if prompt is not None:
+            self.prompt = nn.Parameter(prompt)
         self.strip, self.signature = strip, signature
         self.cache_key = cache_arg(signature)
 
     def forward(self, slot, base_fn, *args, **kwargs):
         a = self.signature.bind(*args, **kwargs).arguments
         extra = a.pop("kwargs", {}) if "kwargs" in a else {}
-        p = self.prompt.shape[-2]  # (p, d), or (b, p, d) per row in mixed batches (serving)
+        prompt = self.prompt  # read once: a subclass may compute it (P-tuning's encoder)
+        p = prompt.shape[-2]  # (p, d), or (b, p, d) per row in mixed batches (serving)
         past = a.get(self.cache_key)
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         mask = a.get("attention_mask")
@@ -51,7 +56,7 @@ class SoftPrompt(Adapter):
             if emb is None:
                 emb = slot.base.get_input_embeddings()(a.pop("input_ids"))
             a["input_ids"] = None
-            a["inputs_embeds"] = torch.cat([self.prompt.to(emb.dtype).expand(b, -1, -1), emb], dim=1)
+            a["inputs_embeds"] = torch.cat([prompt.to(emb.dtype).expand(b, -1, -1), emb], dim=1)
             if a.get("token_type_ids") is not None:
                 tt = a["token_type_ids"]
                 a["token_type_ids"] = torch.cat([tt.new_zeros(b, p), tt], dim=1)
@@ -74,27 +79,14 @@ class SoftPrompt(Adapter):
         return out
 
 
-@register
 @dataclass
-class PromptTuningConfig(MethodConfig):
-    """Soft prompt of ``num_virtual_tokens`` vectors prepended to the input embeddings."""
+class InputPromptConfig(MethodConfig):
+    """What every soft prompt on the input stack shares (prompt tuning, P-tuning): the targets, the
+    architecture check and whether the prompt positions are stripped from the outputs."""
 
-    method = "prompt"
     accepts = ("any",)
-    limits = MethodConfig.limits | {"num_virtual_tokens": SIZE, "init_token_ids": Range(0)}
 
-    num_virtual_tokens: int = 20
-    init: str = "vocab"
-    init_token_ids: list[int] | None = None
-    seed: int = 0
     strip_outputs: bool | None = None  # None: strip for decoders and encoder-decoders
-
-    def validate(self) -> None:
-        super().validate()
-        if self.init not in ("vocab", "token_ids", "random"):
-            raise ConfigError(f"PromptTuningConfig.init: must be vocab, token_ids or random, got {self.init!r}")
-        if self.init == "token_ids" and not self.init_token_ids:
-            raise ConfigError("PromptTuningConfig.init_token_ids: init='token_ids' needs init_token_ids")
 
     def default_targets(self, model):
         fam = family_of(model)
@@ -104,10 +96,35 @@ class PromptTuningConfig(MethodConfig):
         fam = family_of(model)
         if fam is None or not fam.input_stack:
             raise UnsupportedArchitectureError(
-                f"prompt tuning needs token embeddings; {getattr(model.config, 'model_type', '?')} is not supported")
+                f"{self.method}: soft prompts need token embeddings; {getattr(model.config, 'model_type', '?')} is not supported")
 
     def keep(self, target) -> bool:
         return hasattr(target.module, "get_input_embeddings") and target.layer is None
+
+    def strips(self, ctx) -> bool:
+        kind = ctx.family.kind if ctx.family else None
+        return self.strip_outputs if self.strip_outputs is not None else kind in ("decoder", "encoder-decoder")
+
+
+@register
+@dataclass
+class PromptTuningConfig(InputPromptConfig):
+    """Soft prompt of ``num_virtual_tokens`` vectors prepended to the input embeddings."""
+
+    method = "prompt"
+    limits = MethodConfig.limits | {"num_virtual_tokens": SIZE, "init_token_ids": Range(0)}
+
+    num_virtual_tokens: int = 20
+    init: str = "vocab"
+    init_token_ids: list[int] | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.init not in ("vocab", "token_ids", "random"):
+            raise ConfigError(f"PromptTuningConfig.init: must be vocab, token_ids or random, got {self.init!r}")
+        if self.init == "token_ids" and not self.init_token_ids:
+            raise ConfigError("PromptTuningConfig.init_token_ids: init='token_ids' needs init_token_ids")
 
     def make_adapter(self, target, ctx):
         emb = target.module.get_input_embeddings().weight.detach()
@@ -121,9 +138,7 @@ class PromptTuningConfig(MethodConfig):
             ids = torch.tensor(self.init_token_ids) if self.init == "token_ids" else torch.randint(0, emb.shape[0], (n,), generator=g)
             ids = ids.repeat((n + len(ids) - 1) // len(ids))[:n]
             prompt = emb[ids].clone().float()
-        kind = ctx.family.kind if ctx.family else None
-        strip = self.strip_outputs if self.strip_outputs is not None else kind in ("decoder", "encoder-decoder")
-        return SoftPrompt(prompt, strip, inspect.signature(target.module.forward))
+        return SoftPrompt(prompt, self.strips(ctx), inspect.signature(target.module.forward))
 
     def formula_count(self, ctx) -> int:
         return sum(self.num_virtual_tokens * t.module.get_input_embeddings().weight.shape[1] for t in ctx.targets)

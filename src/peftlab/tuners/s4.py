@@ -5,7 +5,9 @@ contiguous groups (default 4) by a grouping *pattern*; a total budget (a fractio
 parameters, default 0.5% [S2]) is allocated across the layers of the tuned groups (uniform, as S4
 prescribes, or increasing/decreasing); each tuned group gets a non-empty subset of the strategies
 A (serial adapter), P (prefix), B (BitFit), L (LoRA on q, v), and every layer of the group carries all
-of them. ``S4Config.expand(model)`` plans the sizes on the model and returns a
+of them. Beyond the paper, a subset may also hold R (scaled parallel adapter at the FFN), C (Compacter++,
+a PHM adapter after the FFN) and the named hybrids of :data:`HYBRIDS` — ``MAM`` (= P + R), ``UniPELT``
+(= gated L + P + A; the adapters keep S4's Houlsby placement) and ``Compacter`` (= C) — so the explorer can search over them like any strategy. ``S4Config.expand(model)`` plans the sizes on the model and returns a
 :class:`peftlab.compose.ComposeConfig` of ordinary ``bitfit`` / ``adapter`` / ``prefix`` / ``lora``
 configs on layer subsets (parts ``name.bitfit``, ``name.adapter``, ``name.prefix``, ``name.lora``,
 ``name.lora_2`` ... one LoRA part per rank), attached under one adapter name through the core.
@@ -14,8 +16,10 @@ Our choices where the paper is unverified ([U], all configurable): pattern weigh
 for G = 4, i.e. 1 + min(g, G−1−g); bottleneck the reverse; increasing 1:2:3:4), sizes by
 largest-remainder rounding with ≥ 1 layer per group; the budget solver of METHODS.md §1.3 (BitFit's
 fixed count first, the rest split equally among A/P/L: adapter width m from 2 adapters of 2dm + m + d,
-LoRA rank from r·Σ(d_in + d_out) over q and v, prefix length from 2·l·d_kv, each ≥ 1); flat
-(materialised) prefixes so the budget counts what is trained; Houlsby adapters with zero init.
+LoRA rank from r·Σ(d_in + d_out) over q and v, prefix length from 2·l·d_kv, each ≥ 1; parallel adapter
+width from 2dm + m + d; Compacter width from 2(d + m) + m + d (n = 4, rank 1, a multiple of n, ≤ d);
+UniPELT's gates, d + 1 each, are not counted); flat (materialised) prefixes so the budget counts what is
+trained; Houlsby adapters with zero init.
 """
 
 from __future__ import annotations
@@ -36,11 +40,27 @@ from ..targets import select
 from .prefix import SUPPORTED, kv_geometry
 
 PATTERNS = ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
-STRATEGIES = ("A", "P", "B", "L")
+STRATEGIES = ("A", "P", "B", "L")  # the paper's; the explorer samples subsets of these
+EXTRA_STRATEGIES = ("R", "C")  # parallel adapter (FFN), Compacter++
+HYBRIDS = {"MAM": ("P", "R"), "UniPELT": ("gA", "gP", "gL"), "Compacter": ("C",)}  # "g": behind a UniPELT gate
 PRESETS = {  # METHODS.md §1.2: S4-model [S2]; S4-3b-model [U]
     "s4-model": [["A", "L"], ["A", "P"], ["A", "P", "B"], ["P", "B", "L"]],
     "s4-3b-model": [["P", "L"], ["A", "L"], ["P", "B", "L"], ["A", "P", "B"]],
 }
+
+
+PHM_DIM = 4  # Compacter's n inside S4
+
+
+def components(strategies: list[str]) -> list[tuple[str, bool]]:
+    """A group's strategy subset as (letter, gated) pairs, hybrids expanded, without repeats."""
+    out: list[tuple[str, bool]] = []
+    for s in strategies:
+        for c in HYBRIDS.get(s, (s,)):
+            item = (c[1:], True) if c.startswith("g") else (c, False)
+            if item not in out:
+                out.append(item)
+    return out
 
 
 def pattern_weights(pattern: str, groups: int) -> list[float]:
@@ -115,9 +135,10 @@ class S4Config(MethodConfig):
         if len(self.strategies) != self.groups:
             raise ConfigError(f"S4Config.strategies: must list one subset per group ({self.groups}), got {len(self.strategies)}")
         for g, sub in enumerate(self.strategies):
-            bad = [s for s in sub if s not in STRATEGIES]
+            bad = [s for s in sub if s not in STRATEGIES + EXTRA_STRATEGIES and s not in HYBRIDS]
             if bad:
-                raise ConfigError(f"S4Config.strategies[{g}]: unknown strategy {bad}; use {STRATEGIES}")
+                raise ConfigError(f"S4Config.strategies[{g}]: unknown strategy {bad}; use "
+                                  f"{STRATEGIES + EXTRA_STRATEGIES} or a hybrid {sorted(HYBRIDS)}")
         if self.tuned_groups is not None:
             if not self.tuned_groups or any(not 0 <= g < self.groups for g in self.tuned_groups):
                 raise ConfigError(f"S4Config.tuned_groups: must be a non-empty subset of 0..{self.groups - 1}")
@@ -149,17 +170,25 @@ class S4Config(MethodConfig):
         rows = {}
         for g in tuned:
             strat = self.strategies[g]
+            parts = components(strat)
             for i in groups[g]:
-                row = {"group": g, "strategies": list(strat), "budget": per_layer[i]}
-                bitfit = self._count(model, i, "B") if "B" in strat else 0
-                adjustable = [s for s in strat if s != "B"]
+                row = {"group": g, "strategies": list(strat), "budget": per_layer[i],
+                       "components": [("g" if gated else "") + c for c, gated in parts]}
+                bitfit = self._count(model, i, "B") if ("B", False) in parts else 0
+                adjustable = [c for c in parts if c[0] != "B"]
                 share = max(per_layer[i] - bitfit, 0) / max(len(adjustable), 1)
-                if "A" in strat:
+                letters = {c for c, _ in parts}
+                if "A" in letters:
                     row["adapter_width"] = max(1, math.floor((share - 2 * d) / (2 * (2 * d + 1))))
-                if "L" in strat:
+                if "L" in letters:
                     row["lora_rank"] = max(1, math.floor(share / self._lora_cost(model, i)))
-                if "P" in strat:
+                if "P" in letters:
                     row["prefix_length"] = max(1, math.floor(share / (2 * self._kv_dim(model, i))))
+                if "R" in letters:
+                    row["parallel_width"] = max(1, math.floor((share - d) / (2 * d + 1)))
+                if "C" in letters:
+                    n = PHM_DIM
+                    row["compacter_width"] = max(n, min(d, math.floor((share - 3 * d) / 3)) // n * n)
                 rows[i] = row
         return {"groups": groups, "tuned_groups": tuned, "budget": total, "backbone_params": base, "layers": rows}
 
@@ -181,29 +210,38 @@ class S4Config(MethodConfig):
         """The plan on ``model`` as a composition of ordinary configs (labels bitfit, adapter, prefix, lora...)."""
         rows = self.plan(model)["layers"]
         out: list[MethodConfig] = []
-        with_b = sorted(i for i, r in rows.items() if "B" in r["strategies"])
-        if with_b:
-            out.append(get_config("bitfit", layers=with_b, modules_to_save=self.modules_to_save))
-        with_a = sorted(i for i, r in rows.items() if "A" in r["strategies"])
-        if with_a:
-            out.append(get_config("adapter", layers=with_a, init=self.adapter_init,
-                                  layer_bottleneck={str(i): rows[i]["adapter_width"] for i in with_a}))
-        with_p = sorted(i for i, r in rows.items() if "P" in r["strategies"])
-        if with_p:
-            out.append(get_config("prefix", layers=with_p, reparameterize=False,
-                                  layer_lengths={str(i): rows[i]["prefix_length"] for i in with_p}))
-        ranks: dict[int, list[int]] = {}
-        for i, r in rows.items():
-            if "L" in r["strategies"]:
-                ranks.setdefault(r["lora_rank"], []).append(i)
-        for r, ls in sorted(ranks.items()):
-            out.append(get_config("lora", r=r, alpha=float(r), layers=sorted(ls)))
+
+        def layers_with(c: str) -> list[int]:
+            return sorted(i for i, r in rows.items() if c in r["components"])
+
+        if layers_with("B"):
+            out.append(get_config("bitfit", layers=layers_with("B"), modules_to_save=self.modules_to_save))
+        for gate in ("", "g"):  # ungated parts, then UniPELT's gated ones
+            with_a = layers_with(gate + "A")
+            if with_a:
+                out.append(get_config("adapter", layers=with_a, init=self.adapter_init, gate=bool(gate),
+                                      layer_bottleneck={str(i): rows[i]["adapter_width"] for i in with_a}))
+            with_p = layers_with(gate + "P")
+            if with_p:
+                out.append(get_config("prefix", layers=with_p, reparameterize=False, gate=bool(gate),
+                                      layer_lengths={str(i): rows[i]["prefix_length"] for i in with_p}))
+            ranks: dict[int, list[int]] = {}
+            for i in layers_with(gate + "L"):
+                ranks.setdefault(rows[i]["lora_rank"], []).append(i)
+            for r, ls in sorted(ranks.items()):
+                out.append(get_config("lora", r=r, alpha=float(r), layers=sorted(ls), gate=bool(gate)))
+        if layers_with("R"):
+            out.append(get_config("parallel_adapter", layers=layers_with("R"),
+                                  layer_bottleneck={str(i): rows[i]["parallel_width"] for i in layers_with("R")}))
+        if layers_with("C"):
+            out.append(get_config("compacter", placement="pfeiffer", layers=layers_with("C"), phm_dim=PHM_DIM,
+                                  layer_bottleneck={str(i): rows[i]["compacter_width"] for i in layers_with("C")}))
         return ComposeConfig(parts=out, modules_to_save=self.modules_to_save).expand(model)
 
     def check_model(self, model: nn.Module) -> None:
         fam = family_of(model)
         tuned = self.tuned_groups if self.tuned_groups is not None else range(self.groups)
-        if any("P" in self.strategies[g] for g in tuned) and (fam is None or fam.name not in SUPPORTED):
+        if any(c == "P" for g in tuned for c, _ in components(self.strategies[g])) and (fam is None or fam.name not in SUPPORTED):
             raise UnsupportedArchitectureError(
                 f"S4 strategy P (prefix) is not available on {getattr(model.config, 'model_type', '?')}; "
                 f"use strategy subsets of A, B, L for this architecture")
