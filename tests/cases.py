@@ -71,4 +71,8 @@ CASES: dict[str, Case] = {
                         real=False),
     "dylora": Case(lambda: peftlab.get_config("dylora", r=4, alpha=8, rank=3)),
     "adalora": Case(lambda: peftlab.get_config("adalora", r=4, target_r=2, alpha=8.0, orth_reg_weight=0.1)),
+    "oft": Case(lambda: peftlab.get_config("oft", block_size=8)),
+    "oft_coft_shared": Case(lambda: peftlab.get_config("oft", r=4, coft=True, eps=0.5, block_share=True,
+                                                       targets=["q", "v", "ffn_out"]), real=False),
+    "boft": Case(lambda: peftlab.get_config("boft", block_size=4, n_butterfly_factor=2)),
 }

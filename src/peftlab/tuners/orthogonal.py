@@ -1,0 +1,256 @@
+"""What the orthogonal family (GOFT/qGOFT, OFT, BOFT) has in common.
+
+Every member multiplies a linear layer's input by an orthogonal R (optionally followed by a per-output
+scale s): y = diag(s) W Rᵀ x + b — in peft's (in, out) orientation of the weight, Wᵀ ↦ R Wᵀ. So:
+
+- :class:`OrthogonalAdapter`: the forward ("weight" path: one matmul with the rotated weight W Rᵀ when
+  the adapter sits directly on the base layer; "activation" path: rotate the input, then the inner
+  forward), merge W ↦ diag(s) W Rᵀ with the exact original kept for unmerge, the exact orthogonality
+  check :meth:`OrthogonalAdapter.orthogonality_error` (max |RᵀR − I| of the dense R, in float64) and two
+  training hooks a member may fill in: a soft-orthogonality penalty (qGOFT) and a projection onto a
+  constraint set after each optimizer step (COFT).
+- :class:`OrthogonalConfig`: the configs' side of those hooks — ``training_loss`` = λ Σ penalties over the
+  part's adapters, ``on_train_step`` projects every adapter.
+- Block-diagonal and butterfly rotations (OFT, BOFT): :func:`cayley` (exact, a solve on the small blocks,
+  or peft's Neumann series), :func:`rows_times` (x ↦ x P·BD·Pᵀ on the rows of x with reshaped batched
+  matmuls — never a dense d×d) and :class:`_ButterflyLinear`, the training forward of both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from ..config import MethodConfig
+from ..core import part_adapters
+from ..errors import ConfigError
+from ..slot import Adapter
+
+APPLY = ("auto", "weight", "activation")
+
+
+def check_apply(config: MethodConfig) -> None:
+    if config.apply not in APPLY:
+        raise ConfigError(f"{type(config).__name__}.apply: must be auto, weight or activation, got {config.apply!r}")
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """max |RᵀR − I| over a matrix or a batch of them (float64): the exact orthogonality check."""
+    r = r.detach().double()
+    eye = torch.eye(r.shape[-1], dtype=torch.float64, device=r.device)
+    return (r.transpose(-1, -2) @ r - eye).abs().max().item()
+
+
+class OrthogonalAdapter(Adapter):
+    """Base of the orthogonal adapters. Subclasses implement :meth:`rotated_weight` (diag(s) W Rᵀ for an
+    (out, in) W, differentiable), :meth:`rotate_input` (x ↦ x R on the last dimension) and :meth:`dense`
+    (R, d×d); they may override :meth:`linear` (the weight path's training forward), :meth:`output_scale`,
+    :meth:`orthogonality_penalty` and :meth:`project_`."""
+
+    mergeable = True
+    apply = "auto"
+
+    def __init__(self):
+        super().__init__()
+        self._weight_copy: torch.Tensor | None = None
+
+    # ---- to implement
+    def rotated_weight(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def dense(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- optional
+    def output_scale(self) -> torch.Tensor | None:
+        """The per-output scale s (BOFT), or None."""
+        return None
+
+    def orthogonality_penalty(self) -> torch.Tensor | None:
+        """A soft-orthogonality term for the training loss (qGOFT), or None."""
+        return None
+
+    def project_(self) -> None:
+        """Project the parameters onto the method's constraint set in place (COFT); nothing by default."""
+
+    def linear(self, slot, x: torch.Tensor) -> torch.Tensor:
+        """The weight path: one matmul with the rotated weight."""
+        return F.linear(x, self.rotated_weight(slot.weight_oi()), slot.bias)
+
+    # ---- shared
+    def forward(self, slot, base_fn, x):
+        # "weight": only possible when this adapter sits directly on the base layer; "activation": rotate
+        # the input and run the inner forward (any stack of adapters), then scale its output around the bias
+        if self.apply != "activation" and base_fn is slot.base:
+            return self.linear(slot, x)
+        y = base_fn(self.rotate_input(x))
+        s = self.output_scale()
+        if s is None:
+            return y
+        b = slot.bias
+        return y * s.to(y.dtype) if b is None else (y - b) * s.to(y.dtype) + b
+
+    def orthogonality_error(self) -> float:
+        """max |RᵀR − I| of this adapter's R (exact, float64)."""
+        return orthogonality_error(self.dense())
+
+    def merge(self, slot) -> None:
+        """W ↦ diag(s) W Rᵀ (fp32); the exact original is kept for :meth:`unmerge`."""
+        w = slot.weight_oi()
+        self._weight_copy = w.detach().clone()
+        w.copy_(self.rotated_weight(w.float()).to(w.dtype))
+
+    def unmerge(self, slot) -> None:
+        slot.weight_oi().copy_(self._weight_copy)
+        self._weight_copy = None
+
+
+class OrthogonalConfig(MethodConfig):
+    """Config side of the shared hooks. A subclass with a ``reg_lambda`` field gets the regulariser
+    λ Σ penalty in the training loss; every adapter is projected after each optimizer step."""
+
+    def training_loss(self, model, key):
+        lam = getattr(self, "reg_lambda", 0.0)
+        terms = [a.orthogonality_penalty() for _, a in part_adapters(model, key) if isinstance(a, OrthogonalAdapter)]
+        terms = [t for t in terms if t is not None]
+        return lam * torch.stack(terms).sum() if terms and lam else None
+
+    def on_train_step(self, model, key, step, total_steps):
+        with torch.no_grad():
+            for _, a in part_adapters(model, key):
+                if isinstance(a, OrthogonalAdapter):
+                    a.project_()
+
+
+# ---------------------------------------------------------------- block-diagonal / butterfly rotations
+def cayley(skew: torch.Tensor, neumann_terms: int = 0) -> torch.Tensor:
+    """Per block, R = (I − S)(I + S)⁻¹ (exact: a solve on the small blocks, fp32), or with
+    ``neumann_terms`` = n > 0 peft's truncated series I + 2S + 2S² + … + 2S^(n−2) + S^(n−1)."""
+    s = skew.float()
+    eye = torch.eye(s.shape[-1], device=s.device).expand_as(s)
+    if neumann_terms <= 0:
+        return torch.linalg.solve(eye + s, eye - s, left=False)
+    r, power = eye, None
+    for k in range(1, neumann_terms):
+        power = s if power is None else power @ s
+        r = r + (power if k == neumann_terms - 1 else 2 * power)
+    return r
+
+
+def adjust_to_divisor(n: int, want: int) -> int:
+    """The divisor of n nearest ``want`` (ties: the smaller; ``want`` ≥ n gives n), as peft adjusts OFT."""
+    if want >= n:
+        return n
+    divisors = [k for k in range(1, n + 1) if n % k == 0]
+    return min(divisors, key=lambda k: (abs(k - want), k))
+
+
+def rows_times(x: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor | None = None,
+               inv: torch.Tensor | None = None) -> torch.Tensor:
+    """x ↦ x P·BD·Pᵀ on the last dimension (BD block-diagonal with ``blocks`` (k, b, b); P the permutation
+    matrix with P[i, perm[i]] = 1, so x P = x[..., inv] and y Pᵀ = y[..., perm]; None = identity)."""
+    k, b, _ = blocks.shape
+    if inv is not None:
+        x = x.index_select(-1, inv)
+    lead = x.shape[:-1]
+    y = torch.bmm(x.reshape(-1, k, b).transpose(0, 1), blocks.to(x.dtype))  # (k, rows, b)
+    y = y.transpose(0, 1).reshape(*lead, k * b)
+    return y if perm is None else y.index_select(-1, perm)
+
+
+def butterfly_rows(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor | None, invs: torch.Tensor | None,
+                   transpose: bool = False) -> torch.Tensor:
+    """x ↦ x M_{m−1} ⋯ M_0 with M_i = P_i BD_i P_iᵀ (``blocks`` (m, k, b, b)); ``transpose``: x ↦ x M_0ᵀ ⋯ M_{m−1}ᵀ."""
+    order = range(blocks.shape[0]) if transpose else reversed(range(blocks.shape[0]))
+    for i in order:
+        bl = blocks[i].transpose(-1, -2) if transpose else blocks[i]
+        x = rows_times(x, bl, None if perms is None else perms[i], None if invs is None else invs[i])
+    return x
+
+
+class _ButterflyLinear(torch.autograd.Function):
+    """y = ((x R) Wᵀ)·s + b with R = M_{m−1} ⋯ M_0 (block-diagonal factors, OFT is m = 1, P = I).
+
+    Forward: one matmul with the rotated weight W Rᵀ, built on W's rows (cost independent of the tokens);
+    nothing the size of W is saved. Backward goes the activation way: g_R = (g·s) W is the gradient of
+    x R, the blocks' gradients are (x_i P_i)ᵀ(g_i P_i) per block (x_i: the input of factor i, recomputed from
+    x for m > 1) and x's gradient goes back through the Rᵀ factors — no token×d_out×d_in weight gradient.
+    Saved: x, and for a scale the unscaled output (as peft's autograd does)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, s, blocks, perms, invs):
+        wr = butterfly_rows(w, blocks, perms, invs, transpose=True)
+        u = F.linear(x, wr)
+        ctx.save_for_backward(x, w, s, blocks, perms, invs, u if s is not None and ctx.needs_input_grad[3] else None)
+        y = u if s is None else u * s.to(u.dtype)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, s, blocks, perms, invs, u = ctx.saved_tensors
+        m = blocks.shape[0]
+        gx = gw = gb = gs = gblocks = None
+        if ctx.needs_input_grad[2]:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+        if s is not None and ctx.needs_input_grad[3]:
+            gs = (g * u).reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32).to(s.dtype).reshape(s.shape)
+        h = g if s is None else g * s.to(g.dtype)
+        h = (h @ w.to(h.dtype)).reshape(-1, x.shape[-1])  # gradient of x R
+        # inputs of the factors: z_{m−1} = x, z_{i−1} = z_i M_i
+        zs = [x.reshape(-1, x.shape[-1])]
+        for i in reversed(range(1, m)):
+            zs.append(rows_times(zs[-1], blocks[i], perms[i] if perms is not None else None,
+                                 invs[i] if invs is not None else None))
+        grads = []
+        for i in range(m):  # factor 0 is applied last, so its gradient comes first
+            z = zs[m - 1 - i]
+            k, b, _ = blocks[i].shape
+            hv = h if invs is None else h.index_select(-1, invs[i])  # gradient of z P BD
+            zp = z if invs is None else z.index_select(-1, invs[i])
+            zt, ht = zp.reshape(-1, k, b).transpose(0, 1), hv.reshape(-1, k, b).transpose(0, 1)
+            grads.append(torch.bmm(zt.transpose(1, 2), ht).to(blocks.dtype))
+            if i < m - 1 or ctx.needs_input_grad[0]:
+                hu = torch.bmm(ht, blocks[i].transpose(1, 2).to(ht.dtype)).transpose(0, 1).reshape(h.shape)
+                h = hu if perms is None else hu.index_select(-1, perms[i])
+        if ctx.needs_input_grad[4]:
+            gblocks = torch.stack(grads)
+        if ctx.needs_input_grad[0]:
+            gx = h.reshape(x.shape)
+        return gx, gw, gb, gs, gblocks, None, None
+
+
+def butterfly_linear(x, w, bias, s, blocks, perms=None, invs=None):
+    """((x R) Wᵀ)·s + b for R = M_{m−1} ⋯ M_0; see :class:`_ButterflyLinear` (``w`` must not need a gradient)."""
+    return _ButterflyLinear.apply(x, w, bias, s, blocks, perms, invs)
+
+
+class BlockRotation(OrthogonalAdapter):
+    """Base of OFT and BOFT: R = M_{m−1} ⋯ M_0, M_i = P_i BD_i P_iᵀ. Subclasses give :meth:`blocks`
+    ((m, k, b, b), fp32) and set ``perms``/``invs`` buffers ((m, d) long) or leave them None."""
+
+    perms: torch.Tensor | None
+    invs: torch.Tensor | None
+
+    def blocks(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rotated_weight(self, w):
+        wr = butterfly_rows(w, self.blocks().to(w.dtype), self.perms, self.invs, transpose=True)
+        s = self.output_scale()
+        return wr if s is None else wr * s.to(w.dtype)[:, None]
+
+    def rotate_input(self, x):
+        return butterfly_rows(x, self.blocks(), self.perms, self.invs)
+
+    def dense(self):
+        bl = self.blocks()
+        return butterfly_rows(torch.eye(bl.shape[1] * bl.shape[2], device=bl.device), bl, self.perms, self.invs)
+
+    def linear(self, slot, x):
+        w = slot.weight_oi()
+        if w.requires_grad:  # a trainable base weight: plain autograd through the rotated weight
+            return F.linear(x, self.rotated_weight(w), slot.bias)
+        return butterfly_linear(x, w, slot.bias, self.output_scale(), self.blocks(), self.perms, self.invs)
