@@ -67,25 +67,30 @@ def test_peft_init_matches_ours(method, family):
     assert (out(ours, x) - out(base, x)).abs().max().item() == 0
 
 
-@pytest.mark.parametrize("method,family", [p for p in PAIRS if p[1] != "t5" and p[1] != "opt"])
-def test_roundtrip_both_ways(method, family, tmp_path):
-    base = tiny_model(family)
-    x = tiny_inputs(family)
-    ours = peftlab.attach(copy.deepcopy(base), _ours(method))
+def check_roundtrip_both_ways(base, x, ours_config, theirs_config, method, tmp_path):
+    """Ours -> export_peft -> peft gives our outputs; a peft-saved adapter -> import_peft -> export_peft -> peft
+    gives peft's outputs (and differs from the base model)."""
+    ours = peftlab.attach(copy.deepcopy(base), ours_config)
     _randomize(ours)
     peftlab.export_peft(ours, tmp_path / "p")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
     assert (out(theirs, x) - out(ours, x)).abs().max().item() <= 1e-5
-    # peft-trained (random init_weights=False) adapter -> ours -> peft again
-    model = peft.get_peft_model(copy.deepcopy(base), _theirs(method, family)).eval()
+    model = peft.get_peft_model(copy.deepcopy(base), theirs_config).eval()
     model.save_pretrained(tmp_path / "q")
     back = peftlab.import_peft(copy.deepcopy(base), tmp_path / "q")
-    assert peftlab.get_adapter_config(back).method == method.split("_")[0]
+    assert peftlab.get_adapter_config(back).method == method
     assert (out(back, x) - out(model, x)).abs().max().item() <= 1e-5
-    assert (out(back, x) - out(base, x)).abs().max().item() > 1e-4
+    y0 = out(base, x)
+    assert (out(back, x) - y0).abs().max().item() > 1e-3 * y0.abs().max().item()  # peft's random start moved it
     peftlab.export_peft(back, tmp_path / "r")
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "r").eval()
     assert (out(again, x) - out(model, x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("method,family", [p for p in PAIRS if p[1] != "t5" and p[1] != "opt"])
+def test_roundtrip_both_ways(method, family, tmp_path):
+    check_roundtrip_both_ways(tiny_model(family), tiny_inputs(family), _ours(method), _theirs(method, family),
+                              method.split("_")[0], tmp_path)
 
 
 @pytest.mark.parametrize("method", ["loha", "lokr"])
