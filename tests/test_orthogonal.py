@@ -154,8 +154,11 @@ def test_butterfly_linear_matches_autograd_and_gradcheck():
     ref = torch.nn.functional.linear(butterfly_rows(x, bl, perms, invs), w) * s + bias
     y = butterfly_linear(x, w, bias, s, bl, perms, invs)
     assert torch.allclose(y, ref, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *a: butterfly_linear(a[0], w, a[1], a[2], a[3], perms, invs), args)
-    assert torch.autograd.gradcheck(lambda x_, bl_: butterfly_linear(x_, w, None, None, bl_[:1]), (x, bl))
+    for via_weight in (False, True):  # both exact backward ways
+        assert torch.autograd.gradcheck(
+            lambda *a: butterfly_linear(a[0], w, a[1], a[2], a[3], perms, invs, via_weight), args)  # noqa: B023
+        assert torch.autograd.gradcheck(
+            lambda x_, bl_: butterfly_linear(x_, w, None, None, bl_[:1], via_weight=via_weight), (x, bl))  # noqa: B023
 
 
 def test_weight_and_activation_paths_agree_with_gradients():

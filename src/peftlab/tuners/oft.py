@@ -58,6 +58,7 @@ def oft_block(d_in: int, block_size: int, r: int) -> tuple[int, int]:
 
 class OFTRotation(BlockRotation):
     perms = invs = None
+    m = 1
 
     def __init__(self, d: int, block_size: int, block_share: bool = False, coft: bool = False, eps: float = 6e-5,
                  neumann_terms: int = 0, apply: str = "auto", fan_in_fan_out: bool = False):

@@ -164,72 +164,105 @@ def rows_times(x: torch.Tensor, blocks: torch.Tensor, perm: torch.Tensor | None 
 def butterfly_rows(x: torch.Tensor, blocks: torch.Tensor, perms: torch.Tensor | None, invs: torch.Tensor | None,
                    transpose: bool = False) -> torch.Tensor:
     """x ↦ x M_{m−1} ⋯ M_0 with M_i = P_i BD_i P_iᵀ (``blocks`` (m, k, b, b)); ``transpose``: x ↦ x M_0ᵀ ⋯ M_{m−1}ᵀ."""
-    order = range(blocks.shape[0]) if transpose else reversed(range(blocks.shape[0]))
-    for i in order:
-        bl = blocks[i].transpose(-1, -2) if transpose else blocks[i]
-        x = rows_times(x, bl, None if perms is None else perms[i], None if invs is None else invs[i])
+    for bl, perm, inv in _factors(blocks, perms, invs, transpose):
+        x = rows_times(x, bl, perm, inv)
     return x
+
+
+def _factors(blocks, perms, invs, weight_side: bool) -> list[tuple]:
+    """The chain of row ops (blocks (k, b, b), perm, inv) in the order they are applied: on x (x ↦ x R) factors
+    m−1 … 0; on W's rows (W ↦ W Rᵀ) factors 0 … m−1 with transposed blocks."""
+    m = blocks.shape[0]
+    idx = range(m) if weight_side else reversed(range(m))
+    return [(blocks[i].transpose(-1, -2) if weight_side else blocks[i], None if perms is None else perms[i],
+             None if invs is None else invs[i]) for i in idx]
+
+
+def _chain_backward(z: torch.Tensor, h: torch.Tensor, chain: list[tuple], input_grad: bool):
+    """Backward of z ↦ rows_times(…rows_times(z, chain[0])…, chain[-1]) for 2-D z and output gradient h:
+    (gradients of the chain's blocks, in chain order; z's gradient or None). The factors' inputs are recomputed
+    from z; a factor's block gradients are (z_j P)ᵀ(h_j P) per block, and h goes back through P BDᵀ Pᵀ."""
+    zs = [z]
+    for bl, perm, inv in chain[:-1]:
+        zs.append(rows_times(zs[-1], bl.to(z.dtype), perm, inv))
+    grads = [None] * len(chain)
+    for j in reversed(range(len(chain))):
+        bl, perm, inv = chain[j]
+        k, b, _ = bl.shape
+        hv = h if inv is None else h.index_select(-1, inv)  # gradient of z P BD
+        zp = zs[j] if inv is None else zs[j].index_select(-1, inv)
+        zt, ht = zp.reshape(-1, k, b).transpose(0, 1), hv.reshape(-1, k, b).transpose(0, 1)
+        grads[j] = torch.bmm(zt.transpose(1, 2), ht)
+        if j > 0 or input_grad:
+            hu = torch.bmm(ht, bl.transpose(1, 2).to(ht.dtype)).transpose(0, 1).reshape(h.shape)
+            h = hu if perm is None else hu.index_select(-1, perm)
+    return grads, (h if input_grad else None)
 
 
 class _ButterflyLinear(torch.autograd.Function):
     """y = ((x R) Wᵀ)·s + b with R = M_{m−1} ⋯ M_0 (block-diagonal factors, OFT is m = 1, P = I).
 
-    Forward: one matmul with the rotated weight W Rᵀ, built on W's rows (cost independent of the tokens);
-    nothing the size of W is saved. Backward goes the activation way: g_R = (g·s) W is the gradient of
-    x R, the blocks' gradients are (x_i P_i)ᵀ(g_i P_i) per block (x_i: the input of factor i, recomputed from
-    x for m > 1) and x's gradient goes back through the Rᵀ factors — no token×d_out×d_in weight gradient.
-    Saved: x, and for a scale the unscaled output (as peft's autograd does)."""
+    Forward: one matmul with the rotated weight W Rᵀ, built on W's rows (cost independent of the tokens).
+    Nothing the size of W is saved; backward takes one of two exact ways (``via_weight``, chosen per layer
+    by :meth:`BlockRotation.grad_via_weight`):
+
+    - activation way: g_R = (g·s) W is the gradient of x R; the blocks' gradients are (z_i P_i)ᵀ(g_i P_i) per
+      block (z_i: the input of factor i, recomputed from x) and x's gradient goes back through the factors —
+      cheap matmuls on k blocks, but ~10 passes over the tokens×d_in activations per factor;
+    - weight way: the weight gradient Gᵀx (one tokens×d_out×d_in matmul), x's gradient (g·s) W Rᵀ, then the
+      blocks' gradients from the rotation of W's rows (recomputed; cost independent of the tokens).
+
+    Saved: x (and, for a scale on the activation way, the unscaled output, as peft's autograd does)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, s, blocks, perms, invs):
+    def forward(ctx, x, w, bias, s, blocks, perms, invs, via_weight):
         wr = butterfly_rows(w, blocks, perms, invs, transpose=True)
         u = F.linear(x, wr)
-        ctx.save_for_backward(x, w, s, blocks, perms, invs, u if s is not None and ctx.needs_input_grad[3] else None)
+        keep_u = s is not None and ctx.needs_input_grad[3] and not via_weight
+        ctx.save_for_backward(x, w, s, blocks, perms, invs, u if keep_u else None)
+        ctx.via_weight = via_weight
         y = u if s is None else u * s.to(u.dtype)
         return y if bias is None else y + bias
 
     @staticmethod
     def backward(ctx, g):
         x, w, s, blocks, perms, invs, u = ctx.saved_tensors
-        m = blocks.shape[0]
-        gx = gw = gb = gs = gblocks = None
+        gx = gb = gs = gblocks = None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
-            gb = g.reshape(-1, g.shape[-1]).sum(0)
-        if s is not None and ctx.needs_input_grad[3]:
-            gs = (g * u).reshape(-1, g.shape[-1]).sum(0, dtype=torch.float32).to(s.dtype).reshape(s.shape)
-        h = g if s is None else g * s.to(g.dtype)
-        h = (h @ w.to(h.dtype)).reshape(-1, x.shape[-1])  # gradient of x R
-        # inputs of the factors: z_{m−1} = x, z_{i−1} = z_i M_i
-        zs = [x.reshape(-1, x.shape[-1])]
-        for i in reversed(range(1, m)):
-            zs.append(rows_times(zs[-1], blocks[i], perms[i] if perms is not None else None,
-                                 invs[i] if invs is not None else None))
-        grads = []
-        for i in range(m):  # factor 0 is applied last, so its gradient comes first
-            z = zs[m - 1 - i]
-            k, b, _ = blocks[i].shape
-            hv = h if invs is None else h.index_select(-1, invs[i])  # gradient of z P BD
-            zp = z if invs is None else z.index_select(-1, invs[i])
-            zt, ht = zp.reshape(-1, k, b).transpose(0, 1), hv.reshape(-1, k, b).transpose(0, 1)
-            grads.append(torch.bmm(zt.transpose(1, 2), ht).to(blocks.dtype))
-            if i < m - 1 or ctx.needs_input_grad[0]:
-                hu = torch.bmm(ht, blocks[i].transpose(1, 2).to(ht.dtype)).transpose(0, 1).reshape(h.shape)
-                h = hu if perms is None else hu.index_select(-1, perms[i])
-        if ctx.needs_input_grad[4]:
-            gblocks = torch.stack(grads)
-        if ctx.needs_input_grad[0]:
-            gx = h.reshape(x.shape)
-        return gx, gw, gb, gs, gblocks, None, None
+            gb = g2.sum(0)
+        gsc = g2 if s is None else g2 * s.to(g.dtype)  # gradient of the unscaled output
+        if ctx.via_weight:
+            wr = butterfly_rows(w, blocks.to(w.dtype), perms, invs, transpose=True)
+            gtx = g2.t() @ x2.to(g2.dtype)  # (out, in)
+            if s is not None and ctx.needs_input_grad[3]:
+                gs = (wr.to(gtx.dtype) * gtx).sum(1, dtype=torch.float32).to(s.dtype).reshape(s.shape)
+            gwr = gtx if s is None else gtx * s.to(gtx.dtype)[:, None]
+            if ctx.needs_input_grad[4]:
+                grads, _ = _chain_backward(w.to(gwr.dtype), gwr, _factors(blocks, perms, invs, True), False)
+                gblocks = torch.stack([gr.transpose(-1, -2) for gr in grads]).to(blocks.dtype)
+            if ctx.needs_input_grad[0]:
+                gx = (gsc @ wr.to(gsc.dtype)).reshape(x.shape)
+        else:
+            if s is not None and ctx.needs_input_grad[3]:
+                gs = (g2 * u.reshape(g2.shape)).sum(0, dtype=torch.float32).to(s.dtype).reshape(s.shape)
+            h = gsc @ w.to(gsc.dtype)  # gradient of x R
+            grads, gin = _chain_backward(x2, h, _factors(blocks, perms, invs, False), ctx.needs_input_grad[0])
+            if ctx.needs_input_grad[4]:
+                gblocks = torch.stack(grads[::-1]).to(blocks.dtype)
+            if gin is not None:
+                gx = gin.reshape(x.shape)
+        return gx, None, gb, gs, gblocks, None, None, None
 
 
-def butterfly_linear(x, w, bias, s, blocks, perms=None, invs=None):
+def butterfly_linear(x, w, bias, s, blocks, perms=None, invs=None, via_weight: bool = False):
     """((x R) Wᵀ)·s + b for R = M_{m−1} ⋯ M_0; see :class:`_ButterflyLinear` (``w`` must not need a gradient)."""
-    return _ButterflyLinear.apply(x, w, bias, s, blocks, perms, invs)
+    return _ButterflyLinear.apply(x, w, bias, s, blocks, perms, invs, via_weight)
 
 
 class BlockRotation(OrthogonalAdapter):
     """Base of OFT and BOFT: R = M_{m−1} ⋯ M_0, M_i = P_i BD_i P_iᵀ. Subclasses give :meth:`blocks`
-    ((m, k, b, b), fp32) and set ``perms``/``invs`` buffers ((m, d) long) or leave them None."""
+    ((m, k, b, b), fp32), set ``m``, ``k``, ``b`` and ``perms``/``invs`` buffers ((m, d) long) or leave them None."""
 
     perms: torch.Tensor | None
     invs: torch.Tensor | None
@@ -253,4 +286,11 @@ class BlockRotation(OrthogonalAdapter):
         w = slot.weight_oi()
         if w.requires_grad:  # a trainable base weight: plain autograd through the rotated weight
             return F.linear(x, self.rotated_weight(w), slot.bias)
-        return butterfly_linear(x, w, slot.bias, self.output_scale(), self.blocks(), self.perms, self.invs)
+        return butterfly_linear(x, w, slot.bias, self.output_scale(), self.blocks(), self.perms, self.invs,
+                                self.grad_via_weight(w.shape[0]))
+
+    def grad_via_weight(self, d_out: int) -> bool:
+        """Backward the weight way when the activation way's passes cost more than the weight gradient's
+        matmul: per token, m factors × (3b multiply-adds + ~10 memory passes, ≈ 320 multiply-adds on a CPU)
+        against d_out multiply-adds per input feature (a rule of thumb measured on MiniLM's shapes)."""
+        return self.m * (3 * self.b + 320) >= d_out
