@@ -203,8 +203,8 @@ class _ButterflyLinear(torch.autograd.Function):
     """y = ((x R) Wᵀ)·s + b with R = M_{m−1} ⋯ M_0 (block-diagonal factors, OFT is m = 1, P = I).
 
     Forward: one matmul with the rotated weight W Rᵀ, built on W's rows (cost independent of the tokens).
-    Nothing the size of W is saved; backward takes one of two exact ways (``via_weight``, chosen per layer
-    by :meth:`BlockRotation.grad_via_weight`):
+    Nothing the size of W is saved; backward takes one of two exact ways (``via_weight``; the layers use the
+    activation way, see :meth:`BlockRotation.grad_via_weight`):
 
     - activation way: g_R = (g·s) W is the gradient of x R; the blocks' gradients are (z_i P_i)ᵀ(g_i P_i) per
       block (z_i: the input of factor i, recomputed from x) and x's gradient goes back through the factors —
@@ -290,7 +290,8 @@ class BlockRotation(OrthogonalAdapter):
                                 self.grad_via_weight(w.shape[0]))
 
     def grad_via_weight(self, d_out: int) -> bool:
-        """Backward the weight way when the activation way's passes cost more than the weight gradient's
-        matmul: per token, m factors × (3b multiply-adds + ~10 memory passes, ≈ 320 multiply-adds on a CPU)
-        against d_out multiply-adds per input feature (a rule of thumb measured on MiniLM's shapes)."""
-        return self.m * (3 * self.b + 320) >= d_out
+        """Backward the weight way? No: in the MiniLM step benchmark (all linear layers, batch 32, seq 128) the
+        activation way was measured 0.78x peft's OFT step, and the weight way for the d_out = 384 layers (a
+        per-layer rule of thumb from single-layer timings) about 2x slower — so the activation way everywhere;
+        the weight way stays available (``butterfly_linear(..., via_weight=True)``, tested)."""
+        return False
