@@ -236,3 +236,23 @@ CASES.update({
     "compacter": {"ours": _plain("compacter", placement="pfeiffer"), "peft": None, "ref": "lora"},
     "ssf": {"ours": _plain("ssf"), "peft": None, "ref": "lora"},
 })
+
+# ---- issue 19: the orthogonal family beside peft's OFT / BOFT (all linear layers, as the GOFT rows)
+def oft_ours(m):
+    return peftlab.attach(m, peftlab.get_config("oft", block_size=32, targets=ALL_LINEAR))
+
+
+def boft_ours(m):
+    return peftlab.attach(m, peftlab.get_config("boft", block_size=4, n_butterfly_factor=2, targets=ALL_LINEAR))
+
+
+def boft_m1_ours(m):
+    return peftlab.attach(m, peftlab.get_config("boft", block_size=4, n_butterfly_factor=1, targets=ALL_LINEAR))
+
+
+CASES.update({
+    "oft": {"ours": oft_ours, "peft": oft_peft, "ref": "lora", "peft_name": "OFT (block 32)"},
+    # peft without its CUDA extension (CPU) silently runs m = 1 for this m = 2 config: the trainable counts show it
+    "boft": {"ours": boft_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2 asked)"},
+    "boft_m1": {"ours": boft_m1_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2 asked)"},
+})

@@ -89,4 +89,8 @@ CASES: dict[str, Case] = {
     "p_tuning_lstm": Case(lambda: peftlab.get_config("p_tuning", num_virtual_tokens=3, encoder="lstm", encoder_hidden=8),
                           merge=False, zero_start_tol=None, min_cosine=None, real=False,
                           families=("bert", "gpt2", "llama", "bart")),
+    "oft": Case(lambda: peftlab.get_config("oft", block_size=8)),
+    "oft_coft_shared": Case(lambda: peftlab.get_config("oft", r=4, coft=True, eps=0.5, block_share=True,
+                                                       targets=["q", "v", "ffn_out"]), real=False),
+    "boft": Case(lambda: peftlab.get_config("boft", block_size=4, n_butterfly_factor=2)),
 }

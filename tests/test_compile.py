@@ -29,13 +29,16 @@ def test_fullgraph_compile_all_core_methods(family):
     assert all(p.grad is not None for n, p in peftlab.trainable_parameters(m).items() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("method", ["goft", "qgoft"])
-def test_fullgraph_compile_goft_weight_path(method):
-    """GOFT's hand-written autograd.Function (the weight path) captures in one graph, backward included."""
+@pytest.mark.parametrize("method,kw", [("goft", dict(scale=True)), ("qgoft", dict(scale=True)),
+                                       ("oft", dict(block_size=8, coft=True, eps=0.5, targets=["q", "v", "ffn_out"])),
+                                       ("boft", dict(block_size=4, n_butterfly_factor=2, targets=["q", "ffn_in"]))])
+def test_fullgraph_compile_orthogonal_weight_path(method, kw):
+    """The orthogonal family's hand-written autograd.Functions (GOFT's levels, OFT/BOFT's block-diagonal and
+    butterfly weight path) capture in one graph, backward included."""
     torch._dynamo.reset()
     m = tiny_model("bert")
     x = tiny_inputs("bert")
-    peftlab.attach(m, peftlab.get_config(method, scale=True))
+    peftlab.attach(m, peftlab.get_config(method, **kw))
     with torch.no_grad():
         for p in peftlab.trainable_parameters(m).values():
             p.add_(0.05)

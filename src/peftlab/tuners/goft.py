@@ -23,8 +23,10 @@ runs one matmul — measured faster on MiniLM (docs/goft.md). Both paths go thro
 function (``_LevelsOnRows``): level r only rotates 2·c_r columns, so only those are touched (fewer than
 2d columns over all levels instead of L·d), and backward recomputes them from its input, so nothing per
 level is saved (``recompute=False`` keeps them instead). ``rotate`` is the plain full-width version of
-the same levels, used once to densify R for ``merge`` (W' = W Rᵀ) and as the tests' reference; the
-original W is kept to unmerge exactly (qGOFT's R may be ill-conditioned).
+the same levels, used to densify R (``dense``, the orthogonality check) and as the tests' reference. Merge
+(W' = W Rᵀ through the weight path, in fp32), unmerge from the kept original (qGOFT's R may be
+ill-conditioned), the orthogonality check and the regulariser hook are the orthogonal family's shared code
+(:mod:`peftlab.tuners.orthogonal`).
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, Range
-from ..core import part_adapters
-from ..errors import ConfigError
 from ..families import family_of
 from ..registry import register
-from ..slot import Adapter, linear_dims
+from ..slot import linear_dims
+from .orthogonal import OrthogonalAdapter, OrthogonalConfig, check_apply
 
 
 def givens_pairs(d: int) -> list[tuple[list[int], list[int]]]:
@@ -54,10 +55,9 @@ def givens_pairs(d: int) -> list[tuple[list[int], list[int]]]:
     return levels
 
 
-class GivensRotation(Adapter):
-    """Applies x ↦ Rᵀ x (then the base linear): levels P_Lᵀ first, P_1ᵀ last, then diag(s)."""
-
-    mergeable = True
+class GivensRotation(OrthogonalAdapter):
+    """Applies x ↦ Rᵀ x (then the base linear): levels P_Lᵀ first, P_1ᵀ last, then diag(s). Forward, merge,
+    unmerge and the orthogonality check are the family's (:class:`peftlab.tuners.orthogonal.OrthogonalAdapter`)."""
 
     def __init__(self, d: int, quasi: bool = False, scale: bool = False, recompute: bool = True, apply: str = "auto"):
         super().__init__()
@@ -79,7 +79,6 @@ class GivensRotation(Adapter):
             self.register_buffer(f"i{r}", torch.tensor(i), persistent=False)
             self.register_buffer(f"j{r}", torch.tensor(j), persistent=False)
             self.register_buffer(f"partner{r}", partner, persistent=False)
-        self._weight_copy: torch.Tensor | None = None
 
     def block_entries(self) -> tuple[torch.Tensor, ...]:
         """(M00, M01, M10, M11) of every 2×2 block, fp32; for GOFT M = [[cos, −sin], [sin, cos]]."""
@@ -132,12 +131,10 @@ class GivensRotation(Adapter):
         x = _LevelsOnRows.apply(x, m, tuple(self.sizes), True, self.recompute, *self._idx())
         return x * self.scale.to(x.dtype) if self.scale is not None else x
 
-    def forward(self, slot, base_fn, x):
-        # "weight": rotate W's rows (token-independent cost) then one matmul; only possible when
-        # this adapter sits directly on the base layer. "activation": the paper's per-token level ops.
-        if self.apply != "activation" and base_fn is slot.base:
-            return nn.functional.linear(x, self.rotate_weight(slot.weight_oi()), slot.bias)
-        return base_fn(self.rotate_rows(x.reshape(-1, self.d)).reshape(x.shape))
+    rotated_weight = rotate_weight
+
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate_rows(x.reshape(-1, self.d)).reshape(x.shape)
 
     def dense(self) -> torch.Tensor:
         """R as a dense d×d matrix (rows of rotate(I) are the rows of R)."""
@@ -149,20 +146,9 @@ class GivensRotation(Adapter):
         m00, m01, m10, m11 = self.block_entries()
         return (m00 * m01 + m10 * m11).pow(2).sum()
 
-    def merge(self, slot) -> None:
-        w = slot.weight_oi()
-        self._weight_copy = w.detach().clone()
-        r = self.dense().to(torch.float32)
-        w.copy_((w.float() @ r.t()).to(w.dtype))
-
-    def unmerge(self, slot) -> None:
-        slot.weight_oi().copy_(self._weight_copy)
-        self._weight_copy = None
-
-
 @register
 @dataclass
-class GOFTConfig(MethodConfig):
+class GOFTConfig(OrthogonalConfig):
     """Givens orthogonal fine-tuning; ``scale=True`` is GOFT* (learned diagonal scale)."""
 
     method = "goft"
@@ -174,8 +160,7 @@ class GOFTConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.apply not in ("auto", "weight", "activation"):
-            raise ConfigError(f"{type(self).__name__}.apply: must be auto, weight or activation, got {self.apply!r}")
+        check_apply(self)
 
     _quasi = False
 
@@ -204,11 +189,7 @@ class QGOFTConfig(GOFTConfig):
     limits = MethodConfig.limits | {"reg_lambda": Range(0)}
     reg_lambda: float = 0.01
 
-    _quasi = True
-
-    def training_loss(self, model, key):
-        terms = [a.orthogonality_penalty() for _, a in part_adapters(model, key) if isinstance(a, GivensRotation)]
-        return self.reg_lambda * torch.stack(terms).sum() if terms and self.reg_lambda else None
+    _quasi = True  # the family's training_loss adds reg_lambda · Σ orthogonality_penalty()
 
 
 def _transposed_copy(x: torch.Tensor) -> torch.Tensor:
