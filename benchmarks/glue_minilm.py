@@ -69,6 +69,22 @@ METHODS.update({
     "adalora": ("adalora", {"r": 12, "target_r": 8, "alpha": 8, "delta_t": 10, **_QV,
                             "tinit": {"sst2": 25, "mrpc": 35}, "tfinal": {"sst2": 50, "mrpc": 70}}, 5e-4),
 })
+# Issue 19 (settings proposed with each method; learning rates untuned): the orthogonal family on every block
+# linear like the GOFT rows, at GOFT's learning rate; hybrids at their papers' / AdapterHub's defaults;
+# selective methods at 0.5% of the targeted entries.
+_ALL = {"targets": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]}
+METHODS.update({
+    "oft": ("oft", {"block_size": 16, **_ALL}, 8e-4),
+    "boft": ("boft", {"block_size": 8, "n_butterfly_factor": 2, **_ALL}, 8e-4),
+    "mam": ("mam", {}, 1e-3),
+    "unipelt": ("unipelt", {}, 5e-4),
+    "compacter": ("compacter", {"placement": "pfeiffer"}, 3e-3),
+    "ssf": ("ssf", {}, 3e-3),
+    "p-tuning": ("p_tuning", {"num_virtual_tokens": 20}, 1e-3),
+    "ln-tuning": ("ln_tuning", {}, 1e-3),
+    "fishmask": ("fishmask", {"keep_fraction": 0.005, "num_samples": 1024}, 5e-4),
+    "diff-pruning": ("diff_pruning", {"keep_fraction": 0.005, "finetune_fraction": 0.3}, 5e-5),
+})
 # QLoRA-style (issue 20): LoRA on an NF4 base (bitsandbytes, block 64, double-quantized scales); the
 # classification head and LayerNorms stay fp32. Rows with a base quantization are named METHOD-nf4 / -int8.
 METHODS["lora-nf4"] = METHODS["lora"]

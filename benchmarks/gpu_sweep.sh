@@ -42,6 +42,8 @@ job s4-a $G --tasks sst2 rte --methods s4 s4-lora --results "$R/s4_a"
 job s4-b $G --tasks sst2 rte --methods s4-adapter s4-prefix --results "$R/s4_b"
 # S4 grouping-stage exploration: 5 patterns x 10 samples x 2 tasks, local process pool (no Ray)
 job explore python3 -m peftlab explore benchmarks/configs/s4_explore_gpu.yaml output_dir=$R/explore --workers 6
+# Serving (issue 21): mixed-adapter batches vs peft adapter_names, both models, 1/4/16/64 adapters, bf16
+job serving python3 benchmarks/serving_benchmark.py --device cuda --dtype bfloat16 --out "$R/serving_benchmark_gpu"
 snap() { tar czf "$OUT/tmp.tgz" --exclude=trials -C /tmp res 2>/dev/null && mv "$OUT/tmp.tgz" "$OUT/results.tgz"; }
 ( while sleep 30; do snap; done ) &
 SNAP=$!

@@ -121,7 +121,8 @@ async def drive(args, url: str, names: list[str], pid: int) -> dict:
     rng = random.Random(args.seed)
     weights = zipf_weights(len(names))
     out = {"rss_mb_before": rss_mb(pid), "levels": []}
-    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    # idle connections expire on the client (10 s) before the server closes them (30 s): no keep-alive race
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4, keepalive_expiry=10)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         await level(c, names, weights, 1, 5, 30, rng)  # warm-up (loads the first adapters), not reported
         for conc in args.concurrency:

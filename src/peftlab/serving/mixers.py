@@ -258,6 +258,7 @@ class _RowPrefix:
     """Stands in for a PrefixAttention whose prefixes are per row, (b, heads, l, head_dim)."""
 
     def __init__(self, template, pk, pv):
+        self._modules = {}  # no gate: gated adapters are batched row-wise (rowwise_forward), never through here
         self.shared = _RowPrefixes(pk, pv)
         self.key, self.causal, self.signature, self.cache_key = (
             template.key, template.causal, template.signature, template.cache_key)
