@@ -34,6 +34,7 @@ from ..config import SIZE, Range
 from ..errors import ConfigError
 from ..registry import register
 from ..slot import linear_dims
+from .checks import refuse_peft_options
 from .delta import refuse_conv1d_for_peft
 from .loha import is_conv1d
 from .orthogonal import BlockRotation, OrthogonalConfig, cayley, check_apply
@@ -141,8 +142,6 @@ class BOFTConfig(OrthogonalConfig):
     def from_peft_fields(cls, d, resolve):
         if d.get("peft_type") != "BOFT":
             return None
-        for key, ok in (("boft_dropout", 0.0), ("bias", "none")):
-            if d.get(key) not in (ok, None):
-                raise ValueError(f"peft BOFT option {key}={d.get(key)!r} is not supported by peftlab")
+        refuse_peft_options(d, "BOFT", (("boft_dropout", 0.0), ("bias", "none")))
         return {"block_size": d.get("boft_block_size", 4), "block_num": d.get("boft_block_num", 0),
                 "n_butterfly_factor": d.get("boft_n_butterfly_factor", 1)}

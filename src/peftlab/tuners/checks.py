@@ -7,6 +7,13 @@ from ..config import Range, _check_scalar
 from ..errors import ConfigError
 
 
+def refuse_peft_options(d: dict, peft_type: str, defaults) -> None:
+    """Refuse a peft config whose ``(key, default)`` options peftlab does not implement (one line naming it)."""
+    for key, ok in defaults:
+        if d.get(key) not in (ok, None):
+            raise ValueError(f"peft {peft_type} option {key}={d.get(key)!r} is not supported by peftlab")
+
+
 def check_number(owner: str, field: str, value, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
                  integer: bool = False) -> None:
     """Raise ConfigError naming ``<Owner>.<field>`` unless ``value`` is a finite number (an integer where

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import MethodConfig
 from ..registry import register
 from ..slot import linear_dims
-from .checks import check_number
+from .checks import check_number, refuse_peft_options
 from .delta import DeltaAdapter, refuse_conv1d_for_peft
 
 
@@ -73,10 +73,8 @@ class _Hadamard(torch.autograd.Function):
 
 def peft_lycoris_fields(d: dict, peft_type: str) -> None:
     """Refuse peft LoHa/LoKr options peftlab does not implement (one line naming the option)."""
-    for key, ok in (("rank_pattern", {}), ("alpha_pattern", {}), ("rank_dropout", 0.0), ("module_dropout", 0.0),
-                    ("use_effective_conv2d", False)):
-        if d.get(key) not in (ok, None):
-            raise ValueError(f"peft {peft_type} option {key}={d.get(key)!r} is not supported by peftlab")
+    refuse_peft_options(d, peft_type, (("rank_pattern", {}), ("alpha_pattern", {}), ("rank_dropout", 0.0),
+                                       ("module_dropout", 0.0), ("use_effective_conv2d", False)))
 
 
 @register

@@ -27,6 +27,7 @@ from ..config import FRACTION, POSITIVE, SIZE, MethodConfig, check_size
 from ..errors import ConfigError, PeftlabError
 from ..registry import register
 from ..slot import add_gate, gate_of, linear_dims
+from .checks import refuse_peft_options
 from .delta import DeltaAdapter
 
 
@@ -171,9 +172,7 @@ class LoRAConfig(MethodConfig):
     def from_peft_fields(cls, d, resolve):
         if d.get("peft_type") != "LORA" or bool(d.get("use_dora")) != (cls.method == "dora"):
             return None
-        for key, ok in (("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {})):
-            if d.get(key) not in (ok, None):
-                raise ValueError(f"peft LoRA option {key}={d.get(key)!r} is not supported by peftlab")
+        refuse_peft_options(d, "LoRA", (("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {})))
         init = {True: "default", False: "default", None: "default", "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
         if d.get("init_lora_weights", True) not in init:
             raise ValueError(f"peft LoRA option init_lora_weights={d.get('init_lora_weights')!r} is not supported by peftlab")

@@ -42,6 +42,7 @@ from ..config import POSITIVE, SIZE, Range
 from ..errors import ConfigError
 from ..registry import register
 from ..slot import linear_dims
+from .checks import refuse_peft_options
 from .delta import refuse_conv1d_for_peft
 from .loha import is_conv1d
 from .orthogonal import BlockRotation, OrthogonalConfig, adjust_to_divisor, cayley, check_apply
@@ -159,9 +160,7 @@ class OFTConfig(OrthogonalConfig):
     def from_peft_fields(cls, d, resolve):
         if d.get("peft_type") != "OFT":
             return None
-        for key, ok in (("module_dropout", 0.0), ("bias", "none")):
-            if d.get(key) not in (ok, None):
-                raise ValueError(f"peft OFT option {key}={d.get(key)!r} is not supported by peftlab")
+        refuse_peft_options(d, "OFT", (("module_dropout", 0.0), ("bias", "none")))
         if "oft_block_size" not in d:
             raise ValueError("peft OFT adapter from before peft 0.14 (no oft_block_size) is not supported")
         r = d.get("r", 0)
