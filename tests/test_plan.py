@@ -97,3 +97,32 @@ def test_scoring_a_few_answer_tokens_plans_far_less_than_the_full_lm_loss():
     answers = plan(model, None, 4, 48, scored_tokens=2)
     assert answers.activations_per_sample < full.activations_per_sample
     assert answers.weight_bytes == full.weight_bytes
+
+
+def test_envelope_keeps_the_lines_that_lead_somewhere():
+    from peftlab.planner import _envelope
+
+    # three moments of a step probed at batches 2 and 3: fixed 100 + 1/sample, fixed 10 + 20/sample, and one
+    # (fixed 50 + 2/sample) that is never the highest once the other two are counted
+    lines = _envelope([102, 50, 54], [103, 70, 56], batch=2)
+    assert sorted(lines) == [(10, 20), (100, 1)]
+    # allocations that do not line up (data-dependent shapes): one line through the two peaks
+    assert _envelope([5, 9], [12], batch=2) == [(3, 3)]
+
+
+@pytest.mark.parametrize("config", [None, peftlab.LoRAConfig(r=2), peftlab.get_config("meft", variant=1, r=2)],
+                         ids=["full", "lora", "meft"])
+def test_step_peak_matches_a_real_step_at_the_planned_batch(config):
+    """The planner probes batches 2 and 3; the bytes alive at the peak of a real batch-8 step (counted the same
+    way, at the dispatcher) must match what it extrapolates, wherever in the step that peak falls."""
+    from peftlab.planner import step_bytes
+
+    model = tiny_model("bert") if config is None else peftlab.attach(tiny_model("bert"), config)
+    model.train()
+    p = plan(model, None, 8, 32)
+    real = max(step_bytes(model, probe_inputs(model, 8, 32))[2])
+    predicted = max(f + s * 8 for f, s in p.step_lines)
+    assert abs(predicted - real) <= 0.02 * real
+    # and the peak moves: at batch 1 the full model's step peaks when all gradients are alive
+    if config is None:
+        assert len(p.step_lines) >= 2

@@ -8,35 +8,40 @@
   moments per trainable entry, SGD with momentum: one, plain SGD: none);
 - **activations**: the most bytes of tensors autograd holds for the backward pass at any one time, counted
   once per storage and without the parameters it also saves, measured by two probe steps (forward and
-  backward, batch 1 and 2, no optimizer) under ``torch.autograd.graph.saved_tensors_hooks``: their difference is the per-sample part, the rest is what
-  does not grow with the batch (a weight the method rebuilds and saves: PST's masked weight, GOFT's rotated
-  one). Whatever a method does to
-  its saved tensors is seen as it is (MEFT's reversible stack saves almost nothing, a quantized base saves
-  what bitsandbytes saves, LoRA-FA does not save x ...), so no per-method table has to be kept;
-- **transient**: the working space of the backward pass: the largest single saved tensor once more (the
-  gradient that flows back through it, e.g. the logits' gradient of a causal LM), or, for methods that
-  recompute activations in the backward pass (MEFT), what the recomputation saves at once, once more for the
-  gradients that flow through it, whichever is larger.
+  backward, batches 2 and 3, no optimizer) under ``torch.autograd.graph.saved_tensors_hooks``: their
+  difference is the per-sample part, the rest is what does not grow with the batch (a weight the method
+  rebuilds and saves: PST's masked weight, GOFT's rotated one). Whatever a method does to its saved tensors
+  is seen as it is (MEFT's reversible stack saves almost nothing, a quantized base saves what bitsandbytes
+  saves, LoRA-FA does not save x ...), so no per-method table has to be kept;
+- **backward working space**: everything else alive at the step's peak: the gradients flowing back, the
+  blocks MEFT recomputes, the parameter gradients accumulated so far. The same two probe steps run under a
+  ``TorchDispatchMode`` that counts every storage an operator returns until it is freed. Both steps
+  allocate in the same order, so the i-th allocation is the same moment of the step at any batch: the bytes
+  alive then are a line ``fixed + per_sample * b``, and the step's peak at batch b is the highest of these
+  lines (their upper envelope, kept in ``step_lines``). The peak can move with the batch: full fine-tuning
+  of MiniLM peaks at the end of the backward pass at batch 1 (all gradients) and early in it at batch 8
+  (all activations). A batch of 1 is not probed because it can take other kernels than larger batches.
 
-``peak = weights + optimizer + max(activations + transient, gradients + step workspace)``: the backward
-pass starts with every saved activation alive and no gradient yet, and ends with every gradient and no
-activation; the optimizer step then needs the gradients plus one trainable-sized workspace (``foreach``
-AdamW). Measured against real steps this is within a few percent where the old sum of all terms
-over-predicted full fine-tuning by 16%. ``max_batch(budget)`` is the largest
-batch whose peak fits ``budget`` bytes. The probe runs forward and backward on batches of 1 and 2 (no optimizer step),
-on a deep copy when a ``config`` is given; without one it restores the gradients it leaves, so the caller's
-model is untouched either way. Measured against real steps:
-``benchmarks/memory_plan.py`` (predicted vs measured table in benchmarks/results/memory_plan.md).
+``peak = weights + optimizer + max(step peak, gradients + step workspace)``: the optimizer step needs the
+gradients plus one trainable-sized workspace. ``max_batch(budget)`` is the largest batch whose peak fits
+``budget`` bytes. The probe runs on a deep copy when a ``config`` is given; without one it restores the
+gradients it leaves, so the caller's model is untouched either way. Measured against real steps (RSS of
+separate processes): ``benchmarks/memory_plan.py`` (predicted vs measured tables in
+benchmarks/results/memory_plan_*.md). The earlier rule (backward working space = the largest saved tensor
+once more, or a recomputed block once more) was off by up to 24% (MEFT, seq 512) and 12% (SmolLM2's logits).
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from . import quant
 from .errors import PeftlabError
@@ -78,6 +83,8 @@ class MemoryPlan:
     activations_per_sample: int = 0
     transient_per_sample: int = 0
     activations_fixed: int = 0  # saved tensors that do not grow with the batch (rebuilt weights)
+    working_fixed: int = 0  # other batch-independent tensors alive at the step's peak (gradients so far)
+    step_lines: list = field(default_factory=list)  # (fixed, per-sample) bytes of the step's candidate peaks
 
     @property
     def weight_bytes(self) -> int:
@@ -93,16 +100,29 @@ class MemoryPlan:
 
     def peak(self, batch_size: int | None = None) -> int:
         b = batch_size or self.batch_size
-        backward = (self.activations_per_sample + self.transient_per_sample) * b
+        if self.step_lines:
+            step = max(f + s * b for f, s in self.step_lines)
+        else:
+            step = (self.activations_per_sample + self.transient_per_sample) * b + self.activations_fixed \
+                + self.working_fixed
+        backward = step - self.activations_fixed
         return self.fixed + max(backward, self.gradients + self.trainable_bytes - self.activations_fixed)
 
     def max_batch(self, budget: int | str) -> int:
         """The largest batch whose predicted peak fits ``budget`` (0 if not even one sample does)."""
         budget = parse_bytes(budget)
-        if self.fixed + self.gradients + self.trainable_bytes > budget:
+        if self.peak(1) > budget:
             return 0
-        per = self.activations_per_sample + self.transient_per_sample
-        return max(0, int((budget - self.fixed) // per)) if per else 10**9
+        hi = 1
+        while self.peak(hi * 2) <= budget:
+            hi *= 2
+            if hi >= 1 << 30:
+                return 10**9
+        lo, hi = hi, hi * 2  # peak(lo) fits, peak(hi) does not; the peak never falls as the batch grows
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.peak(mid) <= budget else (lo, mid)
+        return lo
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,7 +134,7 @@ class MemoryPlan:
         rows += [(f"trainable parameters ({self.trainable_params:,})", self.trainable_bytes),
                  ("gradients", self.gradients), (f"optimizer state ({self.optimizer})", self.optimizer_state),
                  (f"saved activations (batch {self.batch_size}, seq {self.seq_len})", self.activations()),
-                 ("backward working space", self.transient_per_sample * self.batch_size),
+                 ("backward working space", self.transient_per_sample * self.batch_size + self.working_fixed),
                  ("optimizer-step working space", self.trainable_bytes),
                  ("predicted peak", self.peak())]
         out = "\n".join(f"{name:<48} {fmt_bytes(v):>12}" for name, v in rows)
@@ -218,7 +238,56 @@ class _Ledger:
                 del self.live[ptr]
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False, loss_fn=None):
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of every distinct storage an operator has produced and that is still alive, and the most at once:
+    activations, the gradients flowing back, the recomputed blocks and the working tensors of the backward
+    pass, seen at the dispatcher, so no method needs a rule of its own. A storage is counted from the
+    operator that returns it until it is freed (a weakref finalizer); parameters and buffers are not."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.exclude, self.live, self.now, self.peak, self.timeline = exclude, {}, 0, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                s = t.untyped_storage()
+                ptr = s.data_ptr()
+                if ptr == 0 or ptr in self.live or ptr in self.exclude:
+                    continue
+                self.live[ptr] = s.nbytes()
+                self.now += self.live[ptr]
+                self.peak = max(self.peak, self.now)
+                self.timeline.append(self.now)
+                weakref.finalize(s, self._free, ptr)
+        return out
+
+    def _free(self, ptr):
+        self.now -= self.live.pop(ptr, 0)
+
+
+def step_bytes(model: nn.Module, inputs: dict, loss_fn=None) -> tuple[int, int, list[int]]:
+    """One probe step (forward and backward, no optimizer) seen two ways at once: (saved-tensor peak, largest
+    saved storage, bytes of all tensors alive right after each allocation, gradients included). The caller's
+    gradients are put back."""
+    ledger_params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    tracker = _LiveBytes(ledger_params)
+    try:
+        with tracker:
+            saved = saved_activation_bytes(model, inputs, loss_fn=loss_fn, keep_grads=True)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+    return saved[0], saved[1], tracker.timeline
+
+
+def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False, loss_fn=None,
+                           keep_grads: bool = False):
     """(the most bytes autograd held at once in saved tensors over one forward *and backward*, the largest
     single saved storage[, the most bytes saved at once by recomputation in the backward pass]), parameters
     and buffers excluded. Tensors saved while the backward pass recomputes
@@ -240,8 +309,9 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = Fa
                 loss.backward()
             del loss
     finally:
-        for p, g in zip(params, grads):
-            p.grad = g
+        if not keep_grads:
+            for p, g in zip(params, grads):
+                p.grad = g
     return (ledger.peak, ledger.largest, ledger.recomputed) if recomputed else (ledger.peak, ledger.largest)
 
 
@@ -271,15 +341,53 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
         loss_fn = None
         if scored_tokens is not None:
             from .lm_head import answer_loss as loss_fn
-        one, largest, re1 = saved_activation_bytes(model, probe_inputs(model, 1, seq_len, scored_tokens),
-                                                   recomputed=True, loss_fn=loss_fn)
-        two, largest2, re2 = saved_activation_bytes(model, probe_inputs(model, 2, seq_len, scored_tokens),
-                                                    recomputed=True, loss_fn=loss_fn)
+        # batches 2 and 3: a batch of 1 can take other kernels (fewer allocations) than the batch to plan
+        two, _, live2 = step_bytes(model, probe_inputs(model, 2, seq_len, scored_tokens), loss_fn)
+        three, _, live3 = step_bytes(model, probe_inputs(model, 3, seq_len, scored_tokens), loss_fn)
     finally:
         model.train(was_training)
-    per_sample = max(two - one, 0)
+    per_sample = max(three - two, 0)
+    fixed_saved = max(two - 2 * per_sample, 0)
+    lines = _envelope(live2, live3, 2)
+    live_fixed, live_per_sample = max(lines, key=lambda ln: ln[0] + ln[1] * batch_size)
     return MemoryPlan(batch_size=batch_size, seq_len=seq_len, optimizer=optimizer,
                       weights=_weights_by_kind(model), trainable_params=n_train, trainable_bytes=train_bytes,
                       gradients=train_bytes, optimizer_state=OPTIMIZER_MOMENTS[optimizer] * n_train * 4,
-                      activations_per_sample=per_sample, activations_fixed=max(one - per_sample, 0),
-                      transient_per_sample=max(largest2 - largest, re2 - re1, 0))
+                      activations_per_sample=per_sample, activations_fixed=fixed_saved,
+                      transient_per_sample=max(live_per_sample - per_sample, 0),
+                      working_fixed=max(live_fixed - fixed_saved, 0), step_lines=lines)
+
+
+def _envelope(live1: list[int], live2: list[int], batch: int = 1) -> list[tuple[int, int]]:
+    """The probe steps at batch ``batch`` and ``batch + 1`` allocate in the same order, so allocation i is the
+    same moment of the step in both: the bytes alive then at batch b are ``f + s * b`` with
+    s = live2[i] - live1[i] and f = live1[i] - batch * s. The step's peak at batch b is the largest of these lines; keep the ones that are the
+    largest for some b >= 1 (the upper envelope). Were the two steps to allocate differently (data-dependent
+    shapes), fall back to one line through the two peaks."""
+    if len(live1) != len(live2) or not live1:
+        p1, p2 = max(live1, default=0), max(live2, default=0)
+        s = max(p2 - p1, 0)
+        return [(max(p1 - batch * s, 0), s)]
+    best: dict[int, int] = {}
+    for a, b in zip(live1, live2):
+        s = max(b - a, 0)
+        f = a - batch * s
+        if f > best.get(s, -(1 << 62)):
+            best[s] = f
+    hull: list[tuple[int, int]] = []  # (f, s), slopes increasing; value at b=1 decides the first line
+    for s in sorted(best):
+        f = best[s]
+        while hull:
+            f0, s0 = hull[-1]
+            if f0 + s0 <= f + s:  # the steeper line is at least as high from b = 1 on
+                hull.pop()
+                continue
+            if len(hull) >= 2:
+                f1, s1 = hull[-2]
+                # the middle line (f0, s0) never leads if (f1, s1) and (f, s) cross above it
+                if (f - f1) * (s0 - s1) >= (f0 - f1) * (s - s1):
+                    hull.pop()
+                    continue
+            break
+        hull.append((f, s))
+    return [(max(f, 0), s) for f, s in hull]
