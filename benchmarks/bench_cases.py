@@ -7,6 +7,8 @@ Add a method with one entry; ``ref`` names the case whose step time the ratio co
 
 from __future__ import annotations
 
+import torch
+
 import peftlab
 
 FFN_OUT_RE = r".*layer\.\d+\.output\.dense"
@@ -250,8 +252,29 @@ def boft_m1_ours(m):
     return peftlab.attach(m, peftlab.get_config("boft", block_size=4, n_butterfly_factor=1, targets=ALL_LINEAR))
 
 
+def _torch_block_diag(t):
+    return torch.stack([torch.block_diag(*t[i]) for i in range(t.shape[0])])
+
+
+def boft_peft_butterfly(m):
+    """peft's own m = 2 BOFT on CPU: its CUDA block-diagonal extension replaced by torch.block_diag (the stand-in
+    of tests/test_orthogonal.py), so peft does the same butterfly work as ours. The extension check is patched
+    only while the layers are built; the stand-in stays for their forward (layers built without it never use it)."""
+    import peft.tuners.boft.layer as layer
+
+    layer.FastBlockDiag = type("FastBlockDiag", (), {"apply": staticmethod(_torch_block_diag)})
+    check = layer.get_fbd_cuda
+    layer.get_fbd_cuda = lambda: True
+    try:
+        return boft_peft(m)
+    finally:
+        layer.get_fbd_cuda = check
+
+
 CASES.update({
     "oft": {"ours": oft_ours, "peft": oft_peft, "ref": "lora", "peft_name": "OFT (block 32)"},
+    "boft_butterfly": {"ours": boft_ours, "peft": boft_peft_butterfly, "ref": "lora",
+                       "peft_name": "BOFT (b=4, m=2, torch stand-in for its CUDA extension)"},
     # peft without its CUDA extension (CPU) silently runs m = 1 for this m = 2 config: the trainable counts show it
     "boft": {"ours": boft_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2 asked)"},
     "boft_m1": {"ours": boft_m1_ours, "peft": boft_peft, "ref": "lora", "peft_name": "BOFT (b=4, m=2 asked)"},

@@ -112,3 +112,21 @@ def test_step_benchmark_compiled_sides_step_and_match_eager_counts():
         assert comp[f"{side}_trainable"] == eager[f"{side}_trainable"]
         assert comp[f"{side}_saved_bytes"] == eager[f"{side}_saved_bytes"]  # measured on the eager model
         assert comp[f"{side}_warmup_s"] > 0 and len(comp[f"{side}_steps_s"]) == 1
+
+
+def test_step_benchmark_pairs_a_method_without_incumbent_with_our_reference():
+    """A case peft lacks (SSF) steps beside our LoRA in the same rotation, so its ratio survives machine load."""
+    import step_benchmark
+    import torch
+
+    from peftlab.testing import tiny_model
+
+    base = tiny_model("bert")
+    batch = {"input_ids": torch.randint(0, 50, (2, 8)), "labels": torch.tensor([0, 1])}
+    r = step_benchmark.run_case("ssf", base, batch, warmup=1, steps=3)
+    assert "peft_steps_s" not in r and len(r["ref_steps_s"]) == 3 and r["paired_ref"] == "lora"
+    assert r["paired_ratio_vs_ref"] == sorted(o / q for o, q in zip(r["ours_steps_s"], r["ref_steps_s"]))[1]
+    assert r["ours_trainable"] != r["ref_trainable"]
+    md = step_benchmark.to_markdown([r | {"seq": 8, "batch": 2}], {"steps": 3, "warmup": 1, "torch": "x",
+                                                                   "threads": 2, "command": "c"})
+    assert "(paired, lora)" in md.splitlines()[4]
