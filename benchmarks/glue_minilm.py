@@ -190,7 +190,11 @@ def to_markdown(rows: list[dict]) -> str:
     note = ("\nMetrics: SST-2 / RTE accuracy, MRPC F1 (and accuracy), CoLA Matthews correlation; final dev score "
             "after training. Trainable parameters include the classification head. Columns are 1 epoch unless "
             "marked. Majority-class reference on the dev sets: SST-2 0.509, MRPC F1 0.812 / acc 0.684, RTE 0.527, "
-            "CoLA 0.000; a cell at that value means the run never left the constant prediction.\n")
+            "CoLA 0.000; a cell at that value means the run never left the constant prediction.\n\n"
+            "A cell comes from `python benchmarks/glue_minilm.py --methods METHOD --tasks TASK`, with `--epochs 3` "
+            "for a (3 ep) column and `--lr LR` for a row named METHOD@LR; each method's settings (rank, targets, "
+            "learning rate) are its entry in `METHODS` of that script. Train time is wall time on a 2-core machine "
+            "often shared with other runs: not a speed comparison (benchmarks/step_benchmark.py is).\n")
     return "\n".join(lines) + "\n" + note + runs_markdown(rows)
 
 
