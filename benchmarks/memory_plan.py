@@ -98,6 +98,18 @@ def one(model_name: str, method: str, seq: int, batch: int) -> dict:
             "optimizer_state_measured": state, "plan_seconds": plan_s, "step_seconds": step_s}
 
 
+def to_markdown(rows: list[dict], cmd: str) -> str:
+    md = ["| model | method | seq | batch | predicted | measured | predicted / measured |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | – | – | error: {r['error']} |")
+        else:
+            md.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | {r['predicted'] / 2**20:.0f} MiB"
+                      f" | {r['measured'] / 2**20:.0f} MiB | {r['ratio']:.3f} |")
+    return f"# Memory planner: predicted vs measured peak\n\n`{cmd}`\n\n" + "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2-135m"])
@@ -128,16 +140,8 @@ def main(argv=None) -> int:
                     rows.append(json.loads(line[0][7:]))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "plan"}), flush=True)
                 out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    md = ["| model | method | seq | batch | predicted | measured | predicted / measured |",
-          "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            md.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | – | – | error: {r['error']} |")
-        else:
-            md.append(f"| {r['model']} | {r['method']} | {r['seq']} | {r['batch']} | {r['predicted'] / 2**20:.0f} MiB"
-                      f" | {r['measured'] / 2**20:.0f} MiB | {r['ratio']:.3f} |")
     cmd = "python benchmarks/memory_plan.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out.with_suffix(".md").write_text(f"# Memory planner: predicted vs measured peak\n\n`{cmd}`\n\n" + "\n".join(md) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(rows, cmd))
     return 0
 
 
