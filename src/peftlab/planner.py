@@ -100,11 +100,7 @@ class MemoryPlan:
 
     def peak(self, batch_size: int | None = None) -> int:
         b = batch_size or self.batch_size
-        if self.step_lines:
-            step = max(f + s * b for f, s in self.step_lines)
-        else:
-            step = (self.activations_per_sample + self.transient_per_sample) * b + self.activations_fixed \
-                + self.working_fixed
+        step = max((f + s * b for f, s in self.step_lines), default=0)
         backward = step - self.activations_fixed
         return self.fixed + max(backward, self.gradients + self.trainable_bytes - self.activations_fixed)
 
@@ -200,9 +196,6 @@ class _Ledger:
 
     def __init__(self, exclude: set[int]):
         self.exclude, self.live, self.now, self.peak, self.largest = exclude, {}, 0, 0, 0
-        self.backward = False  # set once the forward is done: what is saved from then on is recomputation
-        self.recomputed = 0  # bytes saved during the backward pass (recomputed activations), at most at once
-        self._recomputing = 0
 
     def pack(self, t):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -215,10 +208,6 @@ class _Ledger:
         if entry[0] == 0:
             self.now += entry[1]
             self.peak = max(self.peak, self.now)
-            if self.backward:
-                self._recomputing += entry[1]
-                self.recomputed = max(self.recomputed, self._recomputing)
-                entry.append(True)
         entry[0] += 1
         self.largest = max(self.largest, entry[1])
         return _Saved(t, ptr, self)
@@ -233,8 +222,6 @@ class _Ledger:
             entry[0] -= 1
             if entry[0] == 0:
                 self.now -= entry[1]
-                if len(entry) > 2:
-                    self._recomputing -= entry[1]
                 del self.live[ptr]
 
 
@@ -267,9 +254,8 @@ class _LiveBytes(TorchDispatchMode):
         self.now -= self.live.pop(ptr, 0)
 
 
-def step_bytes(model: nn.Module, inputs: dict, loss_fn=None) -> tuple[int, int, list[int]]:
-    """One probe step (forward and backward, no optimizer) seen two ways at once: (saved-tensor peak, largest
-    saved storage, bytes of all tensors alive right after each allocation, gradients included). The caller's
+def step_bytes(model: nn.Module, inputs: dict, loss_fn=None) -> tuple[int, list[int]]:
+    """One probe step (forward and backward, no optimizer) seen two ways at once: (saved-tensor peak, bytes of all tensors alive right after each allocation, gradients included). The caller's
     gradients are put back."""
     ledger_params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -279,18 +265,16 @@ def step_bytes(model: nn.Module, inputs: dict, loss_fn=None) -> tuple[int, int, 
     tracker = _LiveBytes(ledger_params)
     try:
         with tracker:
-            saved = saved_activation_bytes(model, inputs, loss_fn=loss_fn, keep_grads=True)
+            saved, _ = saved_activation_bytes(model, inputs, loss_fn=loss_fn)
     finally:
         for p, g in zip(params, grads):
             p.grad = g
-    return saved[0], saved[1], tracker.timeline
+    return saved, tracker.timeline
 
 
-def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = False, loss_fn=None,
-                           keep_grads: bool = False):
+def saved_activation_bytes(model: nn.Module, inputs: dict, loss_fn=None):
     """(the most bytes autograd held at once in saved tensors over one forward *and backward*, the largest
-    single saved storage[, the most bytes saved at once by recomputation in the backward pass]), parameters
-    and buffers excluded. Tensors saved while the backward pass recomputes
+    single saved storage), parameters and buffers excluded. Tensors saved while the backward pass recomputes
     (MEFT's reversible blocks, GOFT's recomputed rotations) count while they live. Gradients the probe leaves
     on parameters are put back as they were."""
     ledger = _Ledger({t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())})
@@ -304,15 +288,13 @@ def saved_activation_bytes(model: nn.Module, inputs: dict, recomputed: bool = Fa
                 out = model(**inputs)
                 loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().pow(2).mean()
                 del out
-            ledger.backward = True
             if loss.requires_grad:
                 loss.backward()
             del loss
     finally:
-        if not keep_grads:
-            for p, g in zip(params, grads):
-                p.grad = g
-    return (ledger.peak, ledger.largest, ledger.recomputed) if recomputed else (ledger.peak, ledger.largest)
+        for p, g in zip(params, grads):
+            p.grad = g
+    return ledger.peak, ledger.largest
 
 
 def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128, optimizer: str = "adamw",
@@ -342,8 +324,8 @@ def plan(model: nn.Module, config=None, batch_size: int = 8, seq_len: int = 128,
         if scored_tokens is not None:
             from .lm_head import answer_loss as loss_fn
         # batches 2 and 3: a batch of 1 can take other kernels (fewer allocations) than the batch to plan
-        two, _, live2 = step_bytes(model, probe_inputs(model, 2, seq_len, scored_tokens), loss_fn)
-        three, _, live3 = step_bytes(model, probe_inputs(model, 3, seq_len, scored_tokens), loss_fn)
+        two, live2 = step_bytes(model, probe_inputs(model, 2, seq_len, scored_tokens), loss_fn)
+        three, live3 = step_bytes(model, probe_inputs(model, 3, seq_len, scored_tokens), loss_fn)
     finally:
         model.train(was_training)
     per_sample = max(three - two, 0)
