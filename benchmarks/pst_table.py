@@ -85,6 +85,14 @@ def to_markdown(rows: list[dict], refs: list[dict], exports: dict, tasks=("sst2"
             "backbone. Realised sparsity and sizes are of the exported best checkpoint (first task measured); "
             "the dense baseline of the compact file is the sparsified layers' weights in fp32. MRPC's majority "
             "class scores F1 0.812 / acc 0.684.\n")
+    shown = {f"{fam}-{s}" for fam in FAMILIES for s in (50, 70, 90)}
+    other = list({(r["bench_method"], r["task"], r["epochs"]): r for r in rows
+                  if not (r["bench_method"] in shown and r["epochs"] == 1)}.values())
+    if other:  # runs outside the grid (another schedule, learning rate or budget): listed, not tabulated
+        note += ("\nOther runs in pst_minilm.jsonl (named as in `benchmarks/glue_minilm.py`: `-w1` = one epoch of "
+                 "warm-up and one of cool-down out of 3, `@LR` = learning rate override): "
+                 + "; ".join(f"{r['bench_method']} {r['task']} {r['epochs']:g} ep: {_cell(r, r['task'])}" for r in other)
+                 + ".\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -124,7 +132,8 @@ def main(argv=None) -> int:
     first_task: dict[str, str] = {}  # export one run per method (its first task in the table's order)
     for r in sorted(rows, key=lambda r: r["task"] != "sst2"):
         first_task.setdefault(r["bench_method"], r["task"])
-    keys = [(t, m) for m, t in first_task.items()]
+    grid = {f"{fam}-{s}" for fam in FAMILIES for s in (50, 70, 90)}
+    keys = [(t, m) for m, t in first_task.items() if m in grid]
     exports = export_stats(Path(args.runs), res.parent / (res.name + "_export.json"), keys)
     md = to_markdown(rows, refs, exports)
     Path(args.out).with_suffix(".md").write_text(md)
