@@ -56,6 +56,23 @@ def test_pst_table_rows_per_sparsity_with_export_columns():
     assert [c[:2] for c in cells[2:]] == [["50%", "PST"], ["90%", "PST"], ["90%", "magnitude + LoRA update"]]
     assert cells[3][3:] == ["0.780", "0.810 / 0.700", "0.9000", "0.131 (1.0 MiB)"]
     assert cells[4][5:] == ["—", "—"]  # not exported: no size claimed
+    assert "Other runs" not in "\n".join(lines)  # every row is on the grid
+
+
+def test_pst_table_lists_runs_off_the_grid_once_each():
+    import pst_table
+
+    def row(m, task, acc, epochs=1.0):
+        return {"bench_method": m, "task": task, "epochs": epochs, "final": {"accuracy": acc}, "trainable_params": 1,
+                "total_params": 2, "adapter_params": 1}
+
+    rows = [row("mov-50", "sst2", 0.509), row("mov-50-w1", "sst2", 0.5, 3.0), row("mov-50-w1", "sst2", 0.6, 3.0),
+            row("mov-50@0.0002", "sst2", 0.7), row("mov-50", "sst2", 0.4, 3.0)]
+    md = pst_table.to_markdown(rows, [], {})
+    other = md.split("Other runs")[1]
+    assert "mov-50-w1 sst2 3 ep: 0.600" in other and "0.500" not in other  # the last run of a setting wins
+    assert "mov-50@0.0002 sst2 1 ep: 0.700" in other and "mov-50 sst2 3 ep: 0.400" in other
+    assert "| 50% | movement (full update) | 1 (100.00%) | 0.509 |" in md  # the grid row stays in the table
 
 
 def test_step_benchmark_floor_side_gives_each_librarys_own_cost():
@@ -130,3 +147,22 @@ def test_step_benchmark_pairs_a_method_without_incumbent_with_our_reference():
     md = step_benchmark.to_markdown([r | {"seq": 8, "batch": 2}], {"steps": 3, "warmup": 1, "torch": "x",
                                                                    "threads": 2, "command": "c"})
     assert "(paired, lora)" in md.splitlines()[4]
+
+
+def test_ln_tuning_does_the_same_operator_work_as_peft():
+    """Why LN tuning's step-time gap to peft is noise: one step runs the same aten operators, count for count."""
+    import bench_cases
+    import op_counts
+
+    from peftlab.testing import tiny_inputs, tiny_model
+
+    import torch
+
+    batch = {**tiny_inputs("bert", batch=2), "labels": torch.tensor([0, 1])}
+    counts = []
+    for side in ("ours", "peft"):
+        m = bench_cases.CASES["ln_tuning"][side](tiny_model("bert"))
+        counts.append(op_counts.count_ops(m, batch))
+    assert counts[0]["aten::native_layer_norm"] > 0 and counts[0] == counts[1]
+    m = bench_cases.CASES["lora"]["ours"](tiny_model("bert"))  # the counter tells methods apart
+    assert op_counts.count_ops(m, batch) != counts[1]
