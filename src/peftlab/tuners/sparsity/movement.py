@@ -12,11 +12,11 @@ layer: 2·n·k (Δ and S). With Adam the scores' scale does not matter to a top-
 reference code no separate score learning rate is needed (tested: scores at lr ×333, Sanh et al.'s
 1e-2 / 3e-5, give the identical mask and run — tests/test_pst.py).
 
-Known limit (measured, docs/methods.md): in a 1-epoch run the scores accumulate for only the schedule's
-warm-up (12–25 steps) before pruning starts; Adam normalises each score's movement, so the ranking is
-close to random in importance and pruning 20–50% of every linear by it loses the pretrained function
-(SST-2 stays at the constant prediction at 50% while magnitude pruning learns; accumulating the raw
-movement −Σ W'·∂ℒ/∂W' instead, the paper's eq. 6, did not change that). Sanh et al. train 10 epochs.
+Known limit (measured, docs/methods.md, benchmarks/movement_diagnosis.py): the ranking ignores magnitude.
+After a dense epoch, the 10% lowest scores share 11.6% with magnitude's 10% (random: 10%), and raw eq.-6
+scores prune the largest weights. So pruning removes weights the pretrained function needs. In 1- and
+3-epoch runs (also with Sanh et al.'s proportions, and at 4× the weights' learning rate) SST-2 stays at the
+constant prediction, while PST and magnitude pruning learn. Sanh et al. train 10 epochs on ≥ 20k steps.
 """
 
 from __future__ import annotations
