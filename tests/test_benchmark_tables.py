@@ -153,10 +153,9 @@ def test_ln_tuning_does_the_same_operator_work_as_peft():
     """Why LN tuning's step-time gap to peft is noise: one step runs the same aten operators, count for count."""
     import bench_cases
     import op_counts
+    import torch
 
     from peftlab.testing import tiny_inputs, tiny_model
-
-    import torch
 
     batch = {**tiny_inputs("bert", batch=2), "labels": torch.tensor([0, 1])}
     counts = []
