@@ -14,6 +14,14 @@ import peftlab
 FFN_OUT_RE = r".*layer\.\d+\.output\.dense"
 
 
+def minilm_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """A seeded sequence-classification batch for MiniLM (token ids, full attention mask, binary labels)."""
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1000, 20000, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch,), generator=g)}
+
+
 def _peft(model, cfg):
     import peft
 

@@ -98,9 +98,9 @@ for _s in (50, 70, 90):
     METHODS[f"mov-{_s}"] = ("movement_prune", {"final_sparsity": _s / 100}, 5e-5)
 # Sanh et al.'s proportions for a multi-epoch run (--epochs 3): one epoch of score accumulation at density 1
 # (their initial_warmup = 1 epoch), the last epoch at the final sparsity. Same rows for PST / magnitude.
-for _name, (_m, _kw, _lr) in list(METHODS.items()):
-    if _name in ("pst-50", "mag-full-50", "mov-50"):
-        METHODS[f"{_name}-w1"] = (_m, {**_kw, "warmup": 1 / 3, "cooldown": 1 / 3}, _lr)
+for _name in ("pst-50", "mag-full-50", "mov-50"):
+    _m, _kw, _lr = METHODS[_name]
+    METHODS[f"{_name}-w1"] = (_m, {**_kw, "warmup": 1 / 3, "cooldown": 1 / 3}, _lr)
 
 
 def _bench_name(method: str, lr: float | None) -> str:

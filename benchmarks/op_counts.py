@@ -39,16 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", default=str(RESULTS / "op_counts"))
     args = ap.parse_args(argv)
+    import copy
+
     import bench_cases
-    from transformers import AutoModelForSequenceClassification
 
-    from peftlab.train.backbones import minilm_path
+    from peftlab.train.backbones import load_model
 
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 2000, (args.batch, args.seq), generator=g),
-             "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
-             "token_type_ids": torch.zeros(args.batch, args.seq, dtype=torch.long),
-             "labels": torch.randint(0, 2, (args.batch,), generator=g)}
+    base = load_model("minilm")
+    batch = bench_cases.minilm_batch(args.batch, args.seq, seed=0)
     rows = []
     for case in args.cases:
         spec = bench_cases.CASES[case]
@@ -57,7 +55,7 @@ def main(argv=None) -> int:
         counts = {}
         for side in ("ours", "peft"):
             torch.manual_seed(0)
-            m = spec[side](AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2))
+            m = spec[side](copy.deepcopy(base))
             counts[side] = count_ops(m, batch)
         keys = sorted(set(counts["ours"]) | set(counts["peft"]))
         diff = {k: (counts["ours"][k], counts["peft"][k]) for k in keys if counts["ours"][k] != counts["peft"][k]}

@@ -20,6 +20,8 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 FAMILIES = {"pst": "PST", "mag-lora": "magnitude + LoRA update", "mag-full": "magnitude + full update",
             "mov": "movement (full update)"}
+SPARSITIES = (50, 70, 90)
+GRID = {f"{fam}-{s}" for fam in FAMILIES for s in SPARSITIES}  # the table's rows; other runs are listed below it
 
 
 def _rows(path: Path) -> list[dict]:
@@ -65,7 +67,7 @@ def to_markdown(rows: list[dict], refs: list[dict], exports: dict, tasks=("sst2"
             share = r["trainable_params"] / (r["total_params"] - (r["adapter_params"] or 0))
             lines.append(f"| 0% | {label} | {r['trainable_params']:,} ({share:.2%}) | "
                          + " | ".join(_cell(get(refs, ref, t), t) for t in tasks) + " | — | — |")
-    for s in (50, 70, 90):
+    for s in SPARSITIES:
         for fam, label in FAMILIES.items():
             m = f"{fam}-{s}"
             rs = [get(rows, m, t) for t in tasks]
@@ -85,9 +87,8 @@ def to_markdown(rows: list[dict], refs: list[dict], exports: dict, tasks=("sst2"
             "backbone. Realised sparsity and sizes are of the exported best checkpoint (first task measured); "
             "the dense baseline of the compact file is the sparsified layers' weights in fp32. MRPC's majority "
             "class scores F1 0.812 / acc 0.684.\n")
-    shown = {f"{fam}-{s}" for fam in FAMILIES for s in (50, 70, 90)}
     other = list({(r["bench_method"], r["task"], r["epochs"]): r for r in rows
-                  if not (r["bench_method"] in shown and r["epochs"] == 1)}.values())
+                  if not (r["bench_method"] in GRID and r["epochs"] == 1)}.values())
     if other:  # runs outside the grid (another schedule, learning rate or budget): listed, not tabulated
         note += ("\nOther runs in pst_minilm.jsonl (named as in `benchmarks/glue_minilm.py`: `-w1` = one epoch of "
                  "warm-up and one of cool-down out of 3, `@LR` = learning rate override): "
@@ -106,7 +107,7 @@ def plot(rows: list[dict], refs: list[dict], path: Path, tasks=("sst2", "mrpc"))
     for ax, t in zip(axes, tasks):
         key = "f1" if t == "mrpc" else "accuracy"
         for fam, label in FAMILIES.items():
-            pts = [(s, r["final"][key]) for s in (50, 70, 90) for r in rows
+            pts = [(s, r["final"][key]) for s in SPARSITIES for r in rows
                    if r["bench_method"] == f"{fam}-{s}" and r["task"] == t and r["epochs"] == 1]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
@@ -132,8 +133,7 @@ def main(argv=None) -> int:
     first_task: dict[str, str] = {}  # export one run per method (its first task in the table's order)
     for r in sorted(rows, key=lambda r: r["task"] != "sst2"):
         first_task.setdefault(r["bench_method"], r["task"])
-    grid = {f"{fam}-{s}" for fam in FAMILIES for s in (50, 70, 90)}
-    keys = [(t, m) for m, t in first_task.items() if m in grid]
+    keys = [(t, m) for m, t in first_task.items() if m in GRID]
     exports = export_stats(Path(args.runs), res.parent / (res.name + "_export.json"), keys)
     md = to_markdown(rows, refs, exports)
     Path(args.out).with_suffix(".md").write_text(md)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_cases import CASES  # noqa: E402
+from bench_cases import CASES, minilm_batch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -132,12 +132,7 @@ def main(argv=None) -> int:
     base = load_model("minilm").train()
     rows = []
     for seq in args.seq:
-        g = torch.Generator().manual_seed(seq)
-        batch = {
-            "input_ids": torch.randint(1000, 20000, (args.batch, seq), generator=g),
-            "attention_mask": torch.ones(args.batch, seq, dtype=torch.long),
-            "labels": torch.randint(0, 2, (args.batch,), generator=g),
-        }
+        batch = minilm_batch(args.batch, seq, seed=seq)
         for name in args.cases:
             torch.manual_seed(0)
             r = run_case(name, base, batch, args.warmup, args.steps, compiled=args.compile)

@@ -255,8 +255,8 @@ class _LiveBytes(TorchDispatchMode):
 
 
 def step_bytes(model: nn.Module, inputs: dict, loss_fn=None) -> tuple[int, list[int]]:
-    """One probe step (forward and backward, no optimizer) seen two ways at once: (saved-tensor peak, bytes of all tensors alive right after each allocation, gradients included). The caller's
-    gradients are put back."""
+    """One probe step (forward and backward, no optimizer) seen two ways at once: (saved-tensor peak, bytes of
+    all tensors alive right after each allocation, gradients included). The caller's gradients are put back."""
     ledger_params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
